@@ -1,0 +1,210 @@
+"""Typed configuration: dataclasses built from YAML/dicts with validation and dotted overrides.
+
+Every option has one spelling. Unknown keys, wrong types and invalid choices raise ``ConfigError``
+naming the full dotted path of the offending key, so a broken recipe fails at start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (``1e-4``) as floats: YAML 1.1
+    would read them as strings, and learning rates are written that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the dotted key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise ConfigError naming ``path``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{path}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        choices = get_args(tp)
+        # Compare types too: True == 1 must not satisfy Literal[1].
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, _prefix=path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {_convert(k, key_tp, path): _convert(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values raise ConfigError.
+
+    After construction the dataclass's own ``validate()`` (if any) runs, so cross-field rules
+    are checked in one place.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{_prefix}." if _prefix else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(where + k for k in unknown)}; valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{_prefix}.{name}" if _prefix else name
+        kwargs[name] = _convert(value, hints[name], path)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{_prefix or cls.__name__}: {err}") from err
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            try:
+                validate()
+            except ConfigError:
+                raise
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+        except ConfigError as err:
+            if _prefix and not str(err).startswith(_prefix):
+                raise ConfigError(f"{_prefix}.{err}") from err
+            raise
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data (JSON/YAML-serialisable) view of a config dataclass."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides; values are parsed as YAML scalars/lists (``1e-4``, ``[1,2]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(data, key, yaml.load(raw, Loader=_Loader) if raw.strip() else "")
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as fh:
+        data = yaml.load(fh, Loader=_Loader) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load ``cls`` from an optional YAML file plus dotted overrides, validated."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    return from_dict(cls, data)
+
+
+def save_config(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    text = to_dict(obj)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(text, indent=2, sort_keys=False))
+    else:
+        path.write_text(yaml.safe_dump(text, sort_keys=False))

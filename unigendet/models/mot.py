@@ -1,0 +1,200 @@
+"""Qwen2 decoder with Mixture-of-Transformers experts over a packed token stream.
+
+Each token is routed statically by type: text and ViT tokens to the understanding expert ("und"),
+VAE latent tokens to the generation expert ("gen"). In the MoT layout every expert has its own
+norms, q/k/v/o projections, per-head q/k RMSNorm and MLP; the attention softmax runs once over all
+tokens of a sample. Building blocks (RMSNorm, SwiGLU MLP, RoPE) are transformers' Qwen2 modules.
+
+Parameter names follow BAGEL checkpoints: the gen copy of a module ``x`` is ``x_moe_gen``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from unigendet.models.config import LLMConfig
+
+GEN_SUFFIX = "_moe_gen"
+
+
+@dataclass
+class Routing:
+    """Which packed positions belong to each expert. ``gen_index`` is None when every token is und."""
+
+    length: int
+    und_index: torch.Tensor | None
+    gen_index: torch.Tensor | None
+
+    @classmethod
+    def from_gen_index(cls, length: int, gen_index: torch.Tensor | None, device: torch.device) -> "Routing":
+        if gen_index is None or gen_index.numel() == 0:
+            return cls(length, None, None)
+        is_gen = torch.zeros(length, dtype=torch.bool, device=device)
+        is_gen[gen_index] = True
+        und_index = (~is_gen).nonzero(as_tuple=True)[0]
+        return cls(length, und_index if und_index.numel() else torch.empty(0, dtype=torch.long, device=device), gen_index)
+
+    @property
+    def mixed(self) -> bool:
+        return self.gen_index is not None
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.mixed:
+            return x, None
+        return x[self.und_index], x[self.gen_index]
+
+    def merge(self, und: torch.Tensor, gen: torch.Tensor | None) -> torch.Tensor:
+        if not self.mixed:
+            return und
+        out = und.new_empty((self.length, *und.shape[1:]))
+        out[self.und_index] = und
+        out[self.gen_index] = gen.to(und.dtype)
+        return out
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig, attention):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        self.attention = attention
+        self.per_expert = cfg.layer_module == "mot"
+        for suffix in ("", GEN_SUFFIX) if self.per_expert else ("",):
+            self.add_module("q_proj" + suffix, nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True))
+            self.add_module("k_proj" + suffix, nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True))
+            self.add_module("v_proj" + suffix, nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True))
+            self.add_module("o_proj" + suffix, nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False))
+            if cfg.qk_norm:
+                self.add_module("q_norm" + suffix, Qwen2RMSNorm(self.head_dim, eps=cfg.rms_norm_eps))
+                self.add_module("k_norm" + suffix, Qwen2RMSNorm(self.head_dim, eps=cfg.rms_norm_eps))
+        self.qk_norm = cfg.qk_norm
+
+    def _suffix(self, expert: str) -> str:
+        return GEN_SUFFIX if (expert == "gen" and self.per_expert) else ""
+
+    def _qkv(self, x: torch.Tensor, expert: str):
+        s = self._suffix(expert)
+        n = x.shape[0]
+        q = getattr(self, "q_proj" + s)(x).view(n, self.num_heads, self.head_dim)
+        k = getattr(self, "k_proj" + s)(x).view(n, self.num_kv_heads, self.head_dim)
+        v = getattr(self, "v_proj" + s)(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = getattr(self, "q_norm" + s)(q)
+            k = getattr(self, "k_norm" + s)(k)
+        return q, k, v
+
+    def forward(self, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing, cos, sin, prepared):
+        qu, ku, vu = self._qkv(und, "und")
+        if routing.mixed:
+            qg, kg, vg = self._qkv(gen, "gen")
+            q, k, v = routing.merge(qu, qg), routing.merge(ku, kg), routing.merge(vu, vg)
+        else:
+            q, k, v = qu, ku, vu
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        o = self.attention(q, k, v, prepared, scale=self.scale).reshape(routing.length, -1)
+        o_und, o_gen = routing.split(o)
+        out_und = self.o_proj(o_und)
+        out_gen = getattr(self, "o_proj" + self._suffix("gen"))(o_gen) if routing.mixed else None
+        return out_und, out_gen
+
+
+class MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, hf_config, attention):
+        super().__init__()
+        mot = cfg.layer_module == "mot"
+        experts_mlp = cfg.layer_module in ("mot", "moe")
+        self.self_attn = MoTAttention(cfg, attention)
+        self.input_layernorm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = Qwen2MLP(hf_config)
+        if mot:
+            self.input_layernorm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+            self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        if experts_mlp:
+            self.mlp_moe_gen = Qwen2MLP(hf_config)
+        self.norm_suffix = GEN_SUFFIX if mot else ""
+        self.mlp_suffix = GEN_SUFFIX if experts_mlp else ""
+
+    def _gen(self, name: str, suffix: str) -> nn.Module:
+        return getattr(self, name + suffix)
+
+    def forward(self, hidden: torch.Tensor, routing: Routing, cos, sin, prepared) -> torch.Tensor:
+        und, gen = routing.split(hidden)
+        a_und = self.input_layernorm(und)
+        a_gen = self._gen("input_layernorm", self.norm_suffix)(gen) if routing.mixed else None
+        o_und, o_gen = self.self_attn(a_und, a_gen, routing, cos, sin, prepared)
+        und = und + o_und
+        m_und = self.mlp(self.post_attention_layernorm(und))
+        if routing.mixed:
+            gen = gen + o_gen
+            m_gen = self._gen("mlp", self.mlp_suffix)(self._gen("post_attention_layernorm", self.norm_suffix)(gen))
+            return routing.merge(und + m_und, gen + m_gen)
+        return und + m_und
+
+
+class MoTDecoder(nn.Module):
+    """``embed_tokens``, decoder ``layers``, final norms (``norm`` for und, ``norm_moe_gen`` for gen)."""
+
+    def __init__(self, cfg: LLMConfig, attention):
+        super().__init__()
+        hf_config = cfg.to_hf()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg, hf_config, attention) for _ in range(cfg.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        if cfg.layer_module in ("mot", "moe"):
+            self.norm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(hf_config)
+        self.activation_checkpointing = False
+
+    def final_norm(self, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+        und, gen = routing.split(hidden)
+        gen_norm = getattr(self, "norm_moe_gen", self.norm)
+        return routing.merge(self.norm(und), gen_norm(gen) if routing.mixed else None)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        routing: Routing,
+        prepared,
+        num_layers: int | None = None,
+        capture_layer: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run ``num_layers`` layers (all by default) on ``hidden [L, D]``; return the final-normed
+        states and, if ``capture_layer`` is set, the residual stream after that many layers."""
+        cos, sin = self.rotary_emb(hidden, position_ids[None])
+        cos, sin = cos[0], sin[0]
+        captured = None
+        depth = len(self.layers) if num_layers is None else num_layers
+        for i, layer in enumerate(self.layers[:depth]):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, routing, cos, sin, prepared, use_reentrant=False)
+            else:
+                hidden = layer(hidden, routing, cos, sin, prepared)
+            if capture_layer is not None and i + 1 == capture_layer:
+                captured = hidden
+        return self.final_norm(hidden, routing), captured
+
+
+class MoTLanguageModel(nn.Module):
+    """``model`` (decoder) + ``lm_head`` — the ``language_model.*`` subtree of BAGEL checkpoints."""
+
+    def __init__(self, cfg: LLMConfig, attention):
+        super().__init__()
+        self.model = MoTDecoder(cfg, attention)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight

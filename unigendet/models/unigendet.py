@@ -1,0 +1,231 @@
+"""The UniGenDet model: BAGEL's MoT LLM + SigLIP NaViT + latent bridges + detection head.
+
+One class serves GDUF, DIGA and inference; the stages differ by config and objective. The model
+computes outputs only at the positions a batch asks for (CE, MSE, detection): losses, noising and
+cross-rank normalisation live in ``unigendet.losses`` / ``unigendet.objectives``. The VAE is not a
+submodule: it is frozen, never sharded, and owned by the objective or the inference pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unigendet.config.loader import from_dict, to_dict
+from unigendet.data.packing import PackedBatch
+from unigendet.models.bridges import (
+    AlignmentProjector,
+    DetectionHead,
+    MLPConnector,
+    PositionEmbedding2D,
+    TimestepEmbedder,
+)
+from unigendet.models.config import ModelConfig
+from unigendet.models.mot import GEN_SUFFIX, MoTLanguageModel, Routing
+from unigendet.models.siglip import SiglipNaViT
+from unigendet.ops.attention import build_attention
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_TAG = "unigendet"
+
+
+@dataclass
+class UniGenDetOutput:
+    hidden: torch.Tensor  # [L, D] final-normed states
+    ce_logits: torch.Tensor | None  # [C, V] at batch.ce_loss_indexes
+    velocity: torch.Tensor | None  # [M_noised, patch_latent_dim] at batch.mse_loss_indexes
+    det_logits: torch.Tensor | None  # [n_det, K] at batch.det_indexes
+    layer_hidden: torch.Tensor | None = None  # [L, D] residual stream after ``capture_layer`` layers
+
+
+class UniGenDet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        llm = config.llm
+        D = llm.hidden_size
+        self.attention = build_attention(config.attn_backend)
+        self.language_model = MoTLanguageModel(llm, self.attention)
+        if config.visual_und:
+            self.vit_model = SiglipNaViT(config.vit)
+            self.connector = MLPConnector(config.vit.hidden_size, D, D, config.connector_act)
+            self.vit_pos_embed = PositionEmbedding2D(config.vit.max_num_patch_per_side, D)
+        if config.visual_gen:
+            self.time_embedder = TimestepEmbedder(D)
+            self.vae2llm = nn.Linear(config.patch_latent_dim, D)
+            self.llm2vae = nn.Linear(D, config.patch_latent_dim)
+            self.latent_pos_embed = PositionEmbedding2D(config.max_latent_size, D)
+        if config.detection_head:
+            self.detection_head = DetectionHead(D, config.detection_num_outputs)
+        if config.diga_projector:
+            self.diga_projector = AlignmentProjector(D, config.diga_projector_mult)
+        self.init_weights()
+
+    # ---------------------------------------------------------------------------------------------
+    # Initialisation
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, copy_und_to_gen: bool = True) -> None:
+        """Fresh init (Qwen2 style), then copy every und weight into its gen sibling (BAGEL's
+        ``copy_init_moe``) and zero ``llm2vae`` as the reference does. Loading a checkpoint
+        overwrites all of this."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, (nn.LayerNorm,)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
+                nn.init.ones_(module.weight)
+        if copy_und_to_gen:
+            self.copy_und_to_gen()
+        if self.config.visual_gen:
+            nn.init.zeros_(self.llm2vae.weight)
+            nn.init.zeros_(self.llm2vae.bias)
+
+    @torch.no_grad()
+    def copy_und_to_gen(self) -> None:
+        params = dict(self.language_model.named_parameters())
+        for name, param in params.items():
+            if GEN_SUFFIX in name:
+                param.copy_(params[name.replace(GEN_SUFFIX, "")])
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.language_model.model.activation_checkpointing = enabled
+        if self.config.visual_und:
+            self.vit_model.set_activation_checkpointing(enabled)
+
+    # ---------------------------------------------------------------------------------------------
+    # Forward
+
+    def embed(
+        self,
+        batch: PackedBatch,
+        latent_tokens: torch.Tensor | None,
+        latent_timesteps: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Assemble the packed input embeddings ``[L, D]`` from text, ViT and latent tokens."""
+        embed_tokens = self.language_model.model.embed_tokens
+        dtype = embed_tokens.weight.dtype
+        device = embed_tokens.weight.device
+        hidden = torch.zeros(batch.sequence_length, self.config.llm.hidden_size, dtype=dtype, device=device)
+        hidden[batch.text_indexes] = embed_tokens(batch.text_ids)
+        if batch.vit_token_indexes.numel():
+            if not self.config.visual_und:
+                raise ValueError("batch holds ViT tokens but the model was built with visual_und=false")
+            vit = self.vit_model(batch.vit_tokens.to(dtype), batch.vit_position_ids, batch.vit_seqlens)
+            vit = self.connector(vit) + self.vit_pos_embed(batch.vit_position_ids).to(dtype)
+            hidden[batch.vit_token_indexes] = vit.to(dtype)
+        if batch.vae_token_indexes.numel():
+            if not self.config.visual_gen:
+                raise ValueError("batch holds VAE tokens but the model was built with visual_gen=false")
+            if latent_tokens is None or latent_timesteps is None:
+                raise ValueError("batch holds VAE image blocks: pass latent_tokens and latent_timesteps")
+            n = batch.num_latent_tokens
+            if latent_tokens.shape != (n, self.config.patch_latent_dim) or latent_timesteps.shape != (n,):
+                raise ValueError(
+                    f"expected latent_tokens [{n}, {self.config.patch_latent_dim}] and latent_timesteps [{n}], got "
+                    f"{tuple(latent_tokens.shape)} and {tuple(latent_timesteps.shape)}"
+                )
+            lat = (
+                self.vae2llm(latent_tokens.to(dtype))
+                + self.time_embedder(latent_timesteps)
+                + self.latent_pos_embed(batch.latent_position_ids).to(dtype)
+            )
+            hidden[batch.vae_token_indexes] = lat.to(dtype)
+        return hidden
+
+    def forward(
+        self,
+        batch: PackedBatch,
+        latent_tokens: torch.Tensor | None = None,
+        latent_timesteps: torch.Tensor | None = None,
+        *,
+        capture_layer: int | None = None,
+        num_layers: int | None = None,
+    ) -> UniGenDetOutput:
+        """Run a packed batch.
+
+        ``latent_tokens`` ``[M, patch_latent_dim]`` are the (noised or clean) patchified latents of
+        ``batch.vae_images`` in pack order, ``latent_timesteps`` ``[M]`` their flow time in [0, 1]
+        (0 for clean context images). ``capture_layer`` returns the residual stream after that many
+        decoder layers; ``num_layers`` stops the decoder early (heads then read the early states)."""
+        hidden = self.embed(batch, latent_tokens, latent_timesteps)
+        routing = Routing.from_gen_index(batch.sequence_length, batch.vae_token_indexes, hidden.device)
+        prepared = self.attention.prepare(batch.layout, hidden.device)
+        hidden, captured = self.language_model.model(
+            hidden, batch.position_ids, routing, prepared, num_layers=num_layers, capture_layer=capture_layer
+        )
+        ce_logits = velocity = det_logits = None
+        if batch.ce_loss_indexes.numel():
+            ce_logits = self.language_model.lm_head(hidden[batch.ce_loss_indexes])
+        if batch.mse_loss_indexes.numel():
+            velocity = self.llm2vae(hidden[batch.mse_loss_indexes])
+        if batch.det_indexes.numel() and self.config.detection_head:
+            det_logits = self.detection_head(hidden[batch.det_indexes])
+        return UniGenDetOutput(hidden, ce_logits, velocity, det_logits, captured)
+
+    # ---------------------------------------------------------------------------------------------
+    # Our own checkpoint format: config.json + model.safetensors
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT_TAG, "model": to_dict(self.config)}, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.llm.tie_word_embeddings:
+            state.pop("language_model.lm_head.weight", None)
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", **overrides) -> "UniGenDet":
+        """Load a directory written by ``save_pretrained``. ``overrides`` replace top-level config
+        fields that do not change weights (e.g. ``attn_backend="flex"``)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a unigendet checkpoint directory?")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT_TAG:
+            raise ValueError(f"{config_path} is not a unigendet config (format={meta.get('format')!r})")
+        config = from_dict(ModelConfig, {**meta["model"], **overrides})
+        model = cls(config)
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        model.load_state_dict_strict(state)
+        return model.to(map_location)
+
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load with an error that names every missing and unexpected key and every shape mismatch."""
+        own = self.state_dict()
+        if self.config.llm.tie_word_embeddings:
+            own.pop("language_model.lm_head.weight", None)
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+            if unexpected:
+                parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+            if shapes:
+                parts.append("shape mismatches: " + "; ".join(shapes[:20]))
+            raise ValueError("checkpoint does not match the model: " + " | ".join(parts))
+        self.load_state_dict(state, strict=False)
