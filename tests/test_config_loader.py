@@ -299,3 +299,18 @@ def test_validate_value_error_becomes_config_error():
 
     with pytest.raises(ConfigError, match="non-negative"):
         from_dict(C, {"n": -1})
+
+
+def test_base_include_at_any_level(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "small.yaml").write_text("llm:\n  hidden_size: 64\n  num_attention_heads: 4\nmax_latent_size: 8\n")
+    (tmp_path / "run.yaml").write_text("model:\n  _base_: model/small.yaml\n  max_latent_size: 16\nname: x\n")
+    data = load_yaml(tmp_path / "run.yaml")
+    assert data == {"model": {"llm": {"hidden_size": 64, "num_attention_heads": 4}, "max_latent_size": 16}, "name": "x"}
+
+
+def test_base_include_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_yaml(tmp_path / "a.yaml")

@@ -4,7 +4,6 @@ over library functions."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -12,6 +11,13 @@ def _demo(args: argparse.Namespace) -> int:
     from unigendet.demo import run_smoke_demo
 
     run_smoke_demo(steps=args.steps, seed=args.seed)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from unigendet.training import run_training
+
+    run_training(args.config, args.overrides)
     return 0
 
 
@@ -23,12 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train from a YAML config (GDUF or DIGA); launch with deepspeed for many GPUs")
+    train.add_argument("--config", required=True, help="YAML file under configs/train/ (``_base_`` includes allowed)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 total_steps=500")
+    train.set_defaults(func=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unigendet.utils.logging import setup_logging
+
+    # deepspeed's launcher appends --local_rank=N; the rank is read from the environment instead.
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     return args.func(args)
 
 

@@ -183,15 +183,52 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+BASE_KEY = "_base_"
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; any other value in ``override`` replaces the base value."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_bases(node: Any, here: Path, seen: tuple[Path, ...]) -> Any:
+    """Replace every ``_base_: file.yaml`` (at any mapping level, path relative to the file that
+    names it) by that file's content merged under the mapping's own keys."""
+    if not isinstance(node, dict):
+        return node
+    node = {k: _resolve_bases(v, here, seen) for k, v in node.items()}
+    base_ref = node.pop(BASE_KEY, None)
+    if base_ref is None:
+        return node
+    refs = base_ref if isinstance(base_ref, list) else [base_ref]
+    merged: dict[str, Any] = {}
+    for ref in refs:
+        merged = deep_merge(merged, load_yaml(here.parent / ref, _seen=seen))
+    return deep_merge(merged, node)
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, resolving ``_base_`` includes."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"{path}: circular {BASE_KEY} include")
     with path.open() as fh:
-        data = yaml.load(fh, Loader=_Loader) or {}
+        try:
+            data = yaml.load(fh, Loader=_Loader) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return data
+    return _resolve_bases(data, path, _seen + (resolved,))
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -98,6 +98,31 @@ def text_to_image_sample(caption_ids: list[int], vae_image: torch.Tensor) -> lis
     return [TextItem(list(caption_ids), enable_cfg=True), VAEImage(vae_image, noised=True)]
 
 
+def plan_num_tokens(items: list[PlanItem], geometry: "PackGeometry") -> int:
+    """Exact packed length of a plan without CFG dropout (text + 2 markers, image tokens + 2)."""
+    total = 0
+    for item in items:
+        if isinstance(item, TextItem):
+            total += len(item.ids) + 2
+        elif isinstance(item, ViTImage):
+            _, H, W = item.image.shape
+            total += (H // geometry.vit_patch_size) * (W // geometry.vit_patch_size) + 2
+        else:
+            _, H, W = item.image.shape
+            total += (H // geometry.latent_stride) * (W // geometry.latent_stride) + 2
+    return total
+
+
+@dataclass
+class PlanSample:
+    """One training example laid out as a sequence plan, ready for packing."""
+
+    items: list[PlanItem]
+    num_tokens: int  # packed length without CFG dropout (``plan_num_tokens``)
+    kind: str  # "detection" or "t2i"
+    key: str  # stable id of the source record (dedupe, held-out splits, debugging)
+
+
 @dataclass
 class CFGDropout:
     """Training-time classifier-free-guidance dropout probabilities (reference: 0.1 / 0.3 / 0.3)."""

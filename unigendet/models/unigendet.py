@@ -180,13 +180,16 @@ class UniGenDet(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # Our own checkpoint format: config.json + model.safetensors
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors``. ``state_dict`` replaces this module's
+        own (e.g. a state consolidated from ZeRO-3 partitions)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT_TAG, "model": to_dict(self.config)}, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         if self.config.llm.tie_word_embeddings:
             state.pop("language_model.lm_head.weight", None)
         save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})

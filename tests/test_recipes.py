@@ -1,0 +1,89 @@
+"""Every shipped config loads and validates; bad configs fail with errors naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from unigendet.config.loader import ConfigError, load_config
+from unigendet.distributed.engine import resolve_deepspeed_config
+from unigendet.models.config import ModelConfig
+from unigendet.training.config import TrainConfig, load_train_config
+
+TRAIN_YAMLS = sorted((REPO / "configs" / "train").glob("*.yaml"))
+MODEL_YAMLS = sorted((REPO / "configs" / "model").glob("*.yaml"))
+DS_JSONS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+
+
+def test_there_are_recipes():
+    assert TRAIN_YAMLS and MODEL_YAMLS and DS_JSONS
+
+
+@pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.name)
+def test_model_configs_load(path):
+    load_config(ModelConfig, path)
+
+
+@pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: p.name)
+def test_train_configs_load_and_resolve_deepspeed(path):
+    cfg = load_train_config(str(path))
+    ds = resolve_deepspeed_config(cfg, bf16=cfg.device == "cuda")
+    assert "auto" not in json.dumps(ds)
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+
+
+@pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
+def test_deepspeed_jsons_resolve(path):
+    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    cfg = load_config(TrainConfig, REPO / "configs/train/gduf_tiny.yaml",
+                      [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}"])
+    resolved = resolve_deepspeed_config(cfg, bf16=True)
+    assert resolved["bf16"]["enabled"] is True
+    assert resolved["gradient_clipping"] == cfg.optim.max_grad_norm
+
+
+def test_bagel_recipe_uses_bagel_geometry():
+    cfg = load_train_config(str(REPO / "configs/train/gduf_bagel7b.yaml"))
+    assert cfg.model.llm == ModelConfig().llm and cfg.model.vit == ModelConfig().vit
+    assert cfg.optim.lr == 2e-5 and cfg.loss.det_weight == 0.2
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("data.sources.fakeclue.kind=parquet", "data.sources.fakeclue.kind"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("model.llm.hidden_size=65", "hidden_size"),
+    ("total_steps=0", "total_steps"),
+    ("deepspeed.offload_params=true", "offload_params"),
+])
+def test_bad_overrides_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
+        load_train_config(str(REPO / "configs/train/gduf_tiny.yaml"), [override])
+
+
+def test_deepspeed_file_disagreeing_with_config_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}))
+    cfg = load_train_config(str(REPO / "configs/train/gduf_tiny.yaml"), [f"deepspeed.config_file={path}"])
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        resolve_deepspeed_config(cfg, bf16=False)
+
+
+def test_missing_deepspeed_file_is_an_error():
+    cfg = load_train_config(str(REPO / "configs/train/gduf_tiny.yaml"), ["deepspeed.config_file=nope.json"])
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_deepspeed_config(cfg, bf16=False)
+
+
+def test_lr_schedule_shapes():
+    from unigendet.training.optim import lr_multiplier
+
+    f = lr_multiplier(warmup_steps=4, total_steps=14, decay="cosine", min_lr_ratio=0.1)
+    assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
+    g = lr_multiplier(0, 10, "linear", 0.0)
+    assert g(5) == pytest.approx(0.5) and g(10) == 0.0
+    assert lr_multiplier(3, 10, "constant", 0.0)(100) == 1.0
