@@ -56,13 +56,16 @@ class CheckpointManager:
         self.keep_last_k = keep_last_k
         self.run_config = run_config
 
-    def save(self, engine, step: int, per_rank_state: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, per_rank_state: dict[str, Any], write_extra=None) -> Path:
+        """Save on every rank; ``write_extra(path)`` (all ranks) adds files before COMPLETE is written."""
         tag = step_tag(step)
         gathered = all_gather_object(per_rank_state)
         client_state = {"step": step, "world_size": world_size(), "per_rank": gathered}
         engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
-        barrier()
         path = self.directory / tag
+        if write_extra is not None:
+            write_extra(path)
+        barrier()
         if is_main_process():
             save_config(self.run_config, path / "train_config.yaml")
             (path / COMPLETE).write_text(f"{step}\n")

@@ -12,6 +12,7 @@ is carried into the next one instead of being dropped, so every sample of the sh
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections import deque
@@ -66,14 +67,23 @@ class TokenBudgetPacker:
         lim = self.limits
         pack: list[_Entry] = []
         tokens = 0
-        if self.carry is not None:
-            pack.append(self.carry)
-            tokens += self.carry.sample.num_tokens
-            self.carry = None
         for name in self.mandatory:
             entry = self._draw(name)
             pack.append(entry)
             tokens += entry.sample.num_tokens
+        if self.carry is not None:
+            # The carried sample joins only if it fits beside this pack's mandatory samples (carry +
+            # mandatory could otherwise exceed max_num_tokens). If not, it waits at the buffer head, or,
+            # with a full buffer, stays the carry and this pack closes with its mandatory samples alone.
+            carry, self.carry = self.carry, None
+            if tokens + carry.sample.num_tokens <= lim.max_num_tokens:
+                pack.append(carry)
+                tokens += carry.sample.num_tokens
+            elif len(self.buffer) < lim.max_buffer_size:
+                self.buffer.appendleft(carry)
+            else:
+                self.carry = carry
+                return pack
         while tokens < lim.expected_num_tokens:
             from_buffer = tokens < lim.prefer_buffer_before and bool(self.buffer)
             entry = self.buffer.popleft() if from_buffer else self._draw(self.rng.choices(self.names, self.weights)[0])
@@ -232,10 +242,12 @@ class PackedDataLoader:
 
     def _overfit(self) -> Iterator[PackedBatch]:
         cached = []
-        for batch in self._stream():
+        stream = self._stream()
+        for batch in stream:
             cached.append(batch)
             if len(cached) == self.overfit_batches:
                 break
+        stream.close()  # shut the DataLoader workers down; they are not needed any more
         while True:
             yield from cached
 
@@ -268,8 +280,9 @@ class PackedDataLoader:
         return self.counter().summary()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"role_states": self.role_states, "counters": self.counters, "next_role": self.next_role,
-                "num_workers": self.num_workers}
+        # A snapshot: the live dicts keep changing as batches are consumed after the save.
+        return copy.deepcopy({"role_states": self.role_states, "counters": self.counters,
+                              "next_role": self.next_role, "num_workers": self.num_workers})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.overfit_batches:
@@ -278,8 +291,8 @@ class PackedDataLoader:
         if state["num_workers"] != self.num_workers:
             raise ValueError(f"data state was saved with num_workers={state['num_workers']} but this run uses "
                              f"{self.num_workers}; the shard assignment would differ")
-        self.role_states = dict(state["role_states"])
-        self.counters = dict(state["counters"])
+        self.role_states = copy.deepcopy(dict(state["role_states"]))
+        self.counters = copy.deepcopy(dict(state["counters"]))
         self.next_role = state["next_role"]
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from unigendet.training.builders import (
     build_tokenizer,
 )
 from unigendet.training.config import TrainConfig
+from unigendet.training.ema import ShardedEMA
 from unigendet.training.metrics import MetricsLogger
 from unigendet.training.optim import lr_multiplier
 from unigendet.utils.seeding import rng_state, seed_everything, set_rng_state
@@ -71,6 +72,7 @@ class Trainer:
         ds_config = resolve_deepspeed_config(cfg, self.bf16)
         schedule = lr_multiplier(cfg.optim.warmup_steps, cfg.total_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds_config, schedule, cfg.optim.weight_decay)
+        self.ema = ShardedEMA(self.engine.module, cfg.ema.decay, cfg.deepspeed.zero_stage) if cfg.ema.enabled else None
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + rank())
         self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last_k, cfg)
         self.state = TrainState()
@@ -91,6 +93,8 @@ class Trainer:
         if path is None:
             return
         step, state = self.checkpoints.load(self.engine, path)
+        if self.ema is not None:
+            self.ema.load(path)
         self.state.step = step
         self.state.tokens_seen = state["tokens_seen"]
         self.data.load_state_dict(state["data"])
@@ -117,26 +121,34 @@ class Trainer:
                     metrics = self.train_step(batch)
                     self.state.tokens_seen += batch.sequence_length
                 self.state.step += 1
+                if self.ema is not None:
+                    self.ema.update()
                 self.data.check_quality()
                 self.metrics.record(self.state.step, metrics, batch.sequence_length,
                                     time.perf_counter() - start, self.engine, self.scheduler)
                 if self.state.step % cfg.checkpoint.interval == 0 or self.state.step == cfg.total_steps:
-                    self.checkpoints.save(self.engine, self.state.step, self._per_rank_state())
+                    self.checkpoints.save(self.engine, self.state.step, self._per_rank_state(),
+                                          write_extra=None if self.ema is None else self.ema.save)
             self.state.history = self.metrics.history
             if cfg.checkpoint.export_final:
                 self.export(Path(cfg.checkpoint.dir) / "final")
+                if self.ema is not None:
+                    self.export(Path(cfg.checkpoint.dir) / "final_ema", ema=True)
             return self.state
         finally:
             self.metrics.close()
             self.data.close()
 
-    def export(self, directory: Path) -> None:
+    def export(self, directory: Path, ema: bool = False) -> None:
         """Consolidated safetensors model directory (``UniGenDet.from_pretrained`` layout), plus
-        the VAE and tokenizer, loadable without any training code."""
+        the VAE and tokenizer, loadable without any training code. ``ema``: the averaged weights
+        replace the trainable ones."""
         from unigendet.checkpoint.export import save_model_directory
 
         module = self.engine.module
         state = consolidated_state_dict(module, self.cfg.deepspeed.zero_stage)
+        if ema:
+            state.update(self.ema.consolidated())
         if is_main_process():
             save_model_directory(directory, module, state, self.vae, self.tokenizer, self.cfg)
             save_config(self.cfg, Path(directory) / "train_config.yaml")

@@ -1,0 +1,1 @@
+"""Inference: detection scoring (head), and later text explanations and image generation."""
