@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from conftest import SPECIAL, geometry, tiny_config
-from unigendet.data.packing import CFGDropout, PlanSample, TextItem, detection_sample, plan_num_tokens, text_to_image_sample
+from unigendet.data.packing import (
+    CFGDropout,
+    PlanSample,
+    TextItem,
+    detection_sample,
+    plan_num_tokens,
+    text_to_image_sample,
+)
 from unigendet.data.pipeline import PackedDataLoader, PackedIterable, PackingLimits, TokenBudgetPacker
 from unigendet.data.sharding import ShardedStream, epoch_permutation
 from unigendet.data.sources import BadSample, DataQualityError

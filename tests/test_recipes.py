@@ -38,7 +38,7 @@ def test_train_configs_load_and_resolve_deepspeed(path):
 @pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
 def test_deepspeed_jsons_resolve(path):
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
-    cfg = load_config(TrainConfig, REPO / "configs/train/gduf_tiny.yaml",
+    cfg = load_config(TrainConfig, REPO / "configs/train/gduf_demo.yaml",
                       [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}"])
     resolved = resolve_deepspeed_config(cfg, bf16=True)
     assert resolved["bf16"]["enabled"] is True
@@ -61,19 +61,19 @@ def test_bagel_recipe_uses_bagel_geometry():
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
-        load_train_config(str(REPO / "configs/train/gduf_tiny.yaml"), [override])
+        load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), [override])
 
 
 def test_deepspeed_file_disagreeing_with_config_is_an_error(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}))
-    cfg = load_train_config(str(REPO / "configs/train/gduf_tiny.yaml"), [f"deepspeed.config_file={path}"])
+    cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), [f"deepspeed.config_file={path}"])
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
         resolve_deepspeed_config(cfg, bf16=False)
 
 
 def test_missing_deepspeed_file_is_an_error():
-    cfg = load_train_config(str(REPO / "configs/train/gduf_tiny.yaml"), ["deepspeed.config_file=nope.json"])
+    cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), ["deepspeed.config_file=nope.json"])
     with pytest.raises(ConfigError, match="not found"):
         resolve_deepspeed_config(cfg, bf16=False)
 

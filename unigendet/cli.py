@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the tiny model on CPU on embedded synthetic data (no downloads)")
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--steps", type=int, default=500)
     demo.add_argument("--out", default="runs/demo", help="where the demo writes its data, checkpoints and model")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)

@@ -19,7 +19,7 @@ from unigendet.data.demo_data import make_demo_dataset
 logger = logging.getLogger(__name__)
 
 # The demo runs from a source checkout (``./run.sh demo``); its recipes live in configs/.
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "train" / "gduf_tiny.yaml"
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "train" / "gduf_demo.yaml"
 
 
 def demo_overrides(data, run_dir: Path, steps: int, seed: int) -> list[str]:
@@ -63,15 +63,15 @@ def heldout_accuracy(model_dir: Path, data, cfg, seed: int = 0) -> dict[str, flo
     }
 
 
-def run_demo(out_dir: str | Path = "runs/demo", steps: int = 300, seed: int = 0,
-             num_train: int = 320, num_heldout: int = 128, image_size: int = 112,
+def run_demo(out_dir: str | Path = "runs/demo", steps: int = 500, seed: int = 0,
+             num_train: int = 320, num_heldout: int = 128, image_size: int = 64,
              overrides: list[str] | None = None) -> dict[str, float]:
     from unigendet.training.config import load_train_config
     from unigendet.training.trainer import Trainer
 
     out = Path(out_dir)
-    # 112 px is a multiple of both the ViT patch (14) and the latent stride (16): neither transform
-    # resamples the images, so pixel-level generator artefacts reach both encoders intact.
+    # 64 px images with the demo geometry (8-px ViT patches, 16-px latent tokens): neither transform
+    # resamples them, so pixel-level generator artefacts reach both encoders intact.
     data = make_demo_dataset(out / "data", num_train=num_train, num_heldout=num_heldout, image_size=image_size, seed=seed)
     logger.info("demo data: %s", data.counts)
     run_dir = out / "gduf"

@@ -33,7 +33,9 @@ def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str
         prefix, adapter = m.group("prefix"), m.group("adapter")
         b = state[f"{prefix}.lora_B.{adapter}.weight"]
         target = f"{prefix}.weight"
-        merged[target] = merged[target] + scaling * (b.float() @ a.float()).to(merged[target].dtype)
+        base = merged[target]
+        # Sum in fp32 and round once (casting the update to bf16 before the add rounded twice).
+        merged[target] = (base.float() + scaling * (b.float() @ a.float())).to(base.dtype)
     return merged
 
 

@@ -511,8 +511,9 @@ def make_demo_dataset(
     for split, total in (("train", num_train), ("heldout", num_heldout)):
         n_real, n_fake = _split_counts(total)
         counts[f"{split}_real"], counts[f"{split}_fake"] = n_real, n_fake
-        # Sources cycle so both classes see every photo about equally often (content carries no label).
-        kinds = [("real", i) for i in range(n_real)] + [("fake", i) for i in range(n_fake)]
+        # Sources cycle so both classes see every photo about equally often (content carries no label);
+        # real and fake alternate so that any prefix of a split is balanced.
+        kinds = [(kind, i) for i in range(n_real) for kind in ("real", "fake") if kind == "real" or i < n_fake]
         for kind, i in kinds:
             source = DEMO_SOURCES[i % len(DEMO_SOURCES)]
             crop, record = _draw_crop(crop_rng, source, split, image_size)
@@ -529,7 +530,8 @@ def make_demo_dataset(
             splits[split].append(fakeclue_entry(rel, label, answer))
             manifest.append({"image": rel, "label": label, "process": process, **record})
             if split == "train" and kind == "real":
-                t2i_rows.append({"image": data, "caption": _random_caption(source, text_rng), "key": f"demo-{rel[-10:-4]}"})
+                caption = _random_caption(source, text_rng)
+                t2i_rows.append({"image": data, "caption": caption, "key": f"demo-{Path(rel).stem}"})
 
     train_json, heldout_json = root / TRAIN_JSON, root / HELDOUT_JSON
     for path, entries in ((train_json, splits["train"]), (heldout_json, splits["heldout"])):

@@ -8,6 +8,8 @@ reproduces the uninterrupted order (DataLoader yields workers round-robin).
 
 Packing follows the reference (§3.7) with one change: a sample that does not fit the current pack
 is carried into the next one instead of being dropped, so every sample of the shard is trained on.
+The carried sample goes in after the next pack's mandatory samples, and only if it fits beside them
+(otherwise it waits at the buffer head), so a pack never exceeds ``max_num_tokens`` because of it.
 """
 
 from __future__ import annotations

@@ -91,9 +91,23 @@ class UniGenDet(nn.Module):
                 nn.init.ones_(module.weight)
         if copy_und_to_gen:
             self.copy_und_to_gen()
+        self._init_bridges()
         if self.config.visual_gen:
             nn.init.zeros_(self.llm2vae.weight)
             nn.init.zeros_(self.llm2vae.bias)
+
+    def _init_bridges(self) -> None:
+        """Image features are *added* to fixed sin-cos position tables (std ~0.55 per dim). With
+        std-0.02 weights the connector/vae2llm outputs would be ~60x smaller than the table, so every
+        image token would look alike until the bridges grew. Variance-preserving init (std 1/sqrt(fan_in))
+        brings them to the table's scale. Only fresh inits are affected; checkpoints overwrite this."""
+        bridges = []
+        if self.config.visual_und:
+            bridges += [self.connector.fc1, self.connector.fc2]
+        if self.config.visual_gen:
+            bridges.append(self.vae2llm)
+        for linear in bridges:
+            nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
 
     @torch.no_grad()
     def copy_und_to_gen(self) -> None:
