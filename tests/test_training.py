@@ -37,8 +37,10 @@ def data_overrides(demo) -> list[str]:
     ]
 
 
-def run_training(ckpt_dir: Path, demo, nproc: int, overrides: list[str], timeout: int = 240) -> list[dict]:
-    args = ["-m", "unigendet.cli", "train", "--config", str(TINY_RECIPE), *data_overrides(demo),
+def run_training(ckpt_dir: Path, demo, nproc: int, overrides: list[str], timeout: int = 240,
+                 entry: list[str] | None = None) -> list[dict]:
+    entry = entry or ["-m", "unigendet.cli", "train"]
+    args = [*entry, "--config", str(TINY_RECIPE), *data_overrides(demo),
             f"checkpoint.dir={ckpt_dir}", "logging.interval=1", "logging.progress_bar=never", *overrides]
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -127,3 +129,19 @@ def test_sharded_ema_is_the_same_under_zero2_and_zero3(tmp_path, demo):
     for key in same_raw:
         torch.testing.assert_close(ema2[key], ema3[key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.allclose(ema2[k], raw2[k]) for k in ema2)
+
+
+@pytest.mark.slow
+def test_lora_run_through_the_gduf_entry_point_with_offline_wandb(tmp_path, demo):
+    """train/gduf.py (what deepspeed launches), LoRA adapters, wandb in offline mode (no network)."""
+    from unigendet.checkpoint.export import load_model_directory
+
+    ckpt = tmp_path / "ckpt"
+    history = run_training(ckpt, demo, nproc=1, entry=[str(REPO / "train" / "gduf.py")], overrides=[
+        "lora.enabled=true", "lora.r=4", "total_steps=2", "checkpoint.interval=2", "logging.wandb=true",
+        "activation_checkpointing=true",
+    ])
+    assert [h["step"] for h in history] == [1, 2]
+    assert list((ckpt / "wandb").glob("offline-run-*")), "wandb should have written an offline run"
+    model, _, _ = load_model_directory(ckpt / "final")  # LoRA merged: plain weights, strict load
+    assert not any("lora_" in k for k in model.state_dict())
