@@ -18,6 +18,7 @@ from unigendet.data.packing import (
     detection_sample,
     text_to_image_sample,
 )
+from unigendet.data.synthetic import pack_geometry
 from unigendet.data.tokenizer import SpecialTokenIds
 from unigendet.models.config import ModelConfig
 
@@ -33,12 +34,7 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def geometry(cfg: ModelConfig) -> PackGeometry:
-    return PackGeometry(
-        vit_patch_size=cfg.vit.patch_size,
-        vit_max_num_patch_per_side=cfg.vit.max_num_patch_per_side,
-        latent_stride=cfg.latent_downsample,
-        max_latent_size=cfg.max_latent_size,
-    )
+    return pack_geometry(cfg)
 
 
 def builder(cfg: ModelConfig, dropout: CFGDropout | None = None, seed: int = 0) -> PackBuilder:

@@ -278,7 +278,6 @@ def test_save_load_round_trip(tmp_path, suffix):
 
 
 def test_literal_does_not_accept_bool_for_int():
-    from typing import Literal
 
     @dataclass
     class C:

@@ -1,9 +1,7 @@
 """FLOP accounting used by the benchmark and MFU logging."""
 
 import sys
-from pathlib import Path
 
-import torch
 
 from conftest import REPO, builder, tiny_config
 from unigendet.data.packing import TextItem

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from unigendet.data.tokenizer import (
@@ -57,7 +59,7 @@ def test_special_tokens_are_single_ids_and_distinct(tok):
     # Appended after the BPE vocabulary, in Qwen2.5's relative order.
     assert ids.pad < ids.bos < ids.eos < ids.start_of_image < ids.end_of_image
     assert ids.end_of_image == len(tok) - 1
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         SpecialTokenIds(1, 2, 3, 4, 5).bos = 0  # frozen
 
 

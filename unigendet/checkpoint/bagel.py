@@ -41,6 +41,7 @@ from safetensors.torch import load_file
 from unigendet.config.loader import ConfigError, from_dict, to_dict
 from unigendet.models.bridges import sincos_2d_table
 from unigendet.models.config import LLMConfig, ModelConfig, VAEConfig, ViTConfig
+from unigendet.utils.state_dict import format_key_problems
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def _check_index(source: _WeightSource, found: Mapping[str, Path]) -> None:
     if missing or extra or misplaced:
         raise CheckpointError(
             f"shards disagree with {source.description}: "
-            + _format_problems(missing, extra, [f"{k} (not in {source.index[k]})" for k in misplaced])
+            + format_key_problems(missing, extra, [f"{k} (not in {source.index[k]})" for k in misplaced])
         )
 
 
@@ -480,23 +481,6 @@ def _file_name(our_key: str) -> str:
     return our_key
 
 
-def _format_problems(
-    missing: Sequence[str] = (), unexpected: Sequence[str] = (), other: Sequence[str] = (), limit: int = 20
-) -> str:
-    def fmt(items: Sequence[str]) -> str:
-        shown = ", ".join(items[:limit])
-        return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
-
-    parts = []
-    if missing:
-        parts.append(f"missing keys ({len(missing)}): {fmt(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
-    if other:
-        parts.append(fmt(other))
-    return "; ".join(parts)
-
-
 def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
     """Strict key/shape check (errors use the file spelling); returns the optional heads that stay fresh."""
     own = model.state_dict()
@@ -513,7 +497,7 @@ def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> li
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
-        raise CheckpointError("checkpoint does not match the model: " + _format_problems(missing, unexpected, shapes))
+        raise CheckpointError("checkpoint does not match the model: " + format_key_problems(missing, unexpected, shapes))
     return fresh
 
 
@@ -577,7 +561,7 @@ def load_bagel_checkpoint(
     # keys differently (e.g. a module with custom state-dict hooks).
     left = [k for k in result.missing_keys if not k.startswith(tuple(h + "." for h in fresh))]
     if left or result.unexpected_keys:
-        raise CheckpointError("load_state_dict disagrees: " + _format_problems(left, result.unexpected_keys))
+        raise CheckpointError("load_state_dict disagrees: " + format_key_problems(left, result.unexpected_keys))
     for head in fresh:
         logger.info("%s is not in the checkpoint: it stays freshly initialised", head)
     del state

@@ -66,6 +66,7 @@ class VAEImage:
 
 
 PlanItem = Union[TextItem, ViTImage, VAEImage]
+_STRIDE_NAME = {"ViT": "patch size", "VAE": "latent token stride"}
 
 
 def detection_sample(
@@ -265,16 +266,21 @@ class PackBuilder:
         st.text_ids += [self.special.start_of_image, self.special.end_of_image]
         st.text_indexes += [first, last]
 
+    def _image_block(self, st: "_PackState", image: torch.Tensor, stride: int, what: str, rope: int):
+        """Markers + one token per ``stride``-pixel cell, all at RoPE id ``rope``; returns (h, w, positions)."""
+        _, H, W = image.shape
+        if H % stride or W % stride:
+            raise ValueError(f"{what} image {H}x{W} is not a multiple of the {_STRIDE_NAME[what]} {stride}")
+        h, w = H // stride, W // stride
+        positions = st.take(h * w + 2)
+        st.position_ids += [rope] * (h * w + 2)
+        self._add_markers(st, positions[0], positions[-1])
+        return h, w, positions
+
     def _add_vit(self, st: "_PackState", item: ViTImage, rope: int) -> int:
         g = self.geometry
-        _, H, W = item.image.shape
-        if H % g.vit_patch_size or W % g.vit_patch_size:
-            raise ValueError(f"ViT image {H}x{W} is not a multiple of the patch size {g.vit_patch_size}")
-        h, w = H // g.vit_patch_size, W // g.vit_patch_size
+        h, w, positions = self._image_block(st, item.image, g.vit_patch_size, "ViT", rope)
         n = h * w
-        positions = st.take(n + 2)
-        st.position_ids += [rope] * (n + 2)
-        self._add_markers(st, positions[0], positions[-1])
         st.vit_tokens.append(patchify(item.image, g.vit_patch_size))
         st.vit_position_ids.append(flat_position_ids(h, w, g.vit_max_num_patch_per_side))
         st.vit_indexes += positions[1:-1]
@@ -284,14 +290,8 @@ class PackBuilder:
 
     def _add_vae(self, st: "_PackState", item: VAEImage, rope: int) -> int:
         g = self.geometry
-        _, H, W = item.image.shape
-        if H % g.latent_stride or W % g.latent_stride:
-            raise ValueError(f"VAE image {H}x{W} is not a multiple of the latent token stride {g.latent_stride}")
-        h, w = H // g.latent_stride, W // g.latent_stride
+        h, w, positions = self._image_block(st, item.image, g.latent_stride, "VAE", rope)
         n = h * w
-        positions = st.take(n + 2)
-        st.position_ids += [rope] * (n + 2)
-        self._add_markers(st, positions[0], positions[-1])
         image_id = len(st.vae_images)
         st.vae_images.append(item.image)
         st.vae_noised.append(item.noised)

@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from unigendet.data.packing import CFGDropout, PackBuilder, PackedBatch, PackGeometry, PlanSample

@@ -29,6 +29,7 @@ from unigendet.models.config import ModelConfig
 from unigendet.models.mot import GEN_SUFFIX, MoTLanguageModel, Routing
 from unigendet.models.siglip import SiglipNaViT
 from unigendet.ops.attention import build_attention
+from unigendet.utils.state_dict import format_key_problems
 
 logger = logging.getLogger(__name__)
 
@@ -237,12 +238,5 @@ class UniGenDet(nn.Module):
         shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                   for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
         if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-            if unexpected:
-                parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-            if shapes:
-                parts.append("shape mismatches: " + "; ".join(shapes[:20]))
-            raise ValueError("checkpoint does not match the model: " + " | ".join(parts))
+            raise ValueError("checkpoint does not match the model: " + format_key_problems(missing, unexpected, shapes))
         self.load_state_dict(state, strict=False)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unigendet.models.config import VAEConfig
+from unigendet.utils.state_dict import format_key_problems
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -123,19 +124,6 @@ def _strip_bfl_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         logger.info("BFL VAE file mixes prefixes; using keys under %r only", prefix)
         return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     return dict(state_dict)
-
-
-def _format_key_problems(missing: list[str], unexpected: list[str], limit: int = 20) -> str:
-    def fmt(keys: list[str]) -> str:
-        shown = ", ".join(keys[:limit])
-        return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-    parts = []
-    if missing:
-        parts.append(f"missing keys ({len(missing)}): {fmt(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
-    return "; ".join(parts)
 
 
 class FluxVAE(nn.Module):
@@ -256,7 +244,7 @@ class FluxVAE(nn.Module):
         missing = sorted(set(key_map) - set(sd))
         unexpected = sorted(set(sd) - set(key_map))
         if missing or unexpected:
-            msg = "BFL VAE state dict does not match the VAEConfig: " + _format_key_problems(missing, unexpected)
+            msg = "BFL VAE state dict does not match the VAEConfig: " + format_key_problems(missing, unexpected)
             if strict:
                 raise VAEStateDictError(msg)
             logger.warning(msg)
@@ -277,7 +265,7 @@ class FluxVAE(nn.Module):
             raise VAEStateDictError("BFL VAE tensor shapes do not match the VAEConfig: " + "; ".join(bad_shapes[:20]))
         result = vae.autoencoder.load_state_dict(converted, strict=strict)
         if not strict and (result.missing_keys or result.unexpected_keys):
-            logger.warning("non-strict VAE load: %s", _format_key_problems(result.missing_keys, result.unexpected_keys))
+            logger.warning("non-strict VAE load: %s", format_key_problems(result.missing_keys, result.unexpected_keys))
         return vae
 
     @classmethod
@@ -307,7 +295,7 @@ class FluxVAE(nn.Module):
         own = vae.autoencoder.state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if missing or unexpected:
-            problems = _format_key_problems(missing, unexpected)
+            problems = format_key_problems(missing, unexpected)
             raise VAEStateDictError(f"{path} does not match the VAEConfig: {problems}")
         dtypes = {v.dtype for v in sd.values()}
         if len(dtypes) == 1:
