@@ -29,18 +29,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def data_overrides(demo) -> list[str]:
-    return [
-        f"data.sources.fakeclue.json_path={demo.train_json}",
-        f"data.sources.fakeclue.image_root={demo.image_root}",
-        f"data.sources.t2i.data_files=[{demo.t2i_parquet}]",
-    ]
+DIGA_RECIPE = REPO / "configs" / "train" / "diga_demo.yaml"
+
+
+def data_overrides(demo, detection: bool = True) -> list[str]:
+    t2i = [f"data.sources.t2i.data_files=[{demo.t2i_parquet}]"]
+    if not detection:
+        return t2i
+    return [f"data.sources.fakeclue.json_path={demo.train_json}",
+            f"data.sources.fakeclue.image_root={demo.image_root}", *t2i]
 
 
 def run_training(ckpt_dir: Path, demo, nproc: int, overrides: list[str], timeout: int = 240,
-                 entry: list[str] | None = None) -> list[dict]:
+                 entry: list[str] | None = None, recipe: Path = TINY_RECIPE) -> list[dict]:
     entry = entry or ["-m", "unigendet.cli", "train"]
-    args = [*entry, "--config", str(TINY_RECIPE), *data_overrides(demo),
+    args = [*entry, "--config", str(recipe), *data_overrides(demo, detection=recipe != DIGA_RECIPE),
             f"checkpoint.dir={ckpt_dir}", "logging.interval=1", "logging.progress_bar=never", *overrides]
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -145,3 +148,20 @@ def test_lora_run_through_the_gduf_entry_point_with_offline_wandb(tmp_path, demo
     assert list((ckpt / "wandb").glob("offline-run-*")), "wandb should have written an offline run"
     model, _, _ = load_model_directory(ckpt / "final")  # LoRA merged: plain weights, strict load
     assert not any("lora_" in k for k in model.state_dict())
+
+
+@pytest.mark.slow
+def test_two_process_diga_run(tmp_path, demo):
+    """Stage 2 on DeepSpeed (ZeRO-2, 2 ranks): the frozen teacher is a separate copy, the
+    alignment loss is logged and falls on a repeated batch, the projector is exported."""
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "diga"
+    history = run_training(ckpt, demo, nproc=2, recipe=DIGA_RECIPE, overrides=[
+        "init.kind=random", "init.path=null", "init.tokenizer=tiny", "data.overfit_batches=1", "total_steps=8",
+        "optim.warmup_steps=0", "optim.decay=constant", "optim.lr=3e-3", "checkpoint.interval=8",
+    ])
+    assert all(k in history[0] for k in ("align", "mse", "loss"))
+    assert history[-1]["align"] < history[0]["align"]
+    exported = load_file(str(ckpt / "final" / "model.safetensors"))
+    assert any(k.startswith("diga_projector.") for k in exported)

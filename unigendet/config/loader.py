@@ -187,10 +187,13 @@ BASE_KEY = "_base_"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; any other value in ``override`` replaces the base value."""
+    """Mappings merge key by key; any other value in ``override`` replaces the base value, except
+    that ``key: null`` over an inherited *mapping* removes it (e.g. drop a data source of the base)."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None and isinstance(out.get(key), dict):
+            del out[key]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value

@@ -94,6 +94,16 @@ def detection_sample(
     return items
 
 
+def diga_teacher_sample(prompt_ids: list[int], vae_image: torch.Tensor, vit_image: torch.Tensor,
+                        prompt_before_vit: bool = True) -> list[PlanItem]:
+    """What the frozen DIGA teacher sees of a ground-truth image: clean VAE block, forensic prompt
+    and ViT block. The reference puts the prompt between the two image blocks, so the ViT tokens
+    (whose features are the alignment targets) read the caption-conditioned prompt;
+    ``prompt_before_vit=False`` gives the plain SMSA order (VAE -> ViT -> prompt)."""
+    vae, vit, prompt = VAEImage(vae_image, noised=False), ViTImage(vit_image), TextItem(list(prompt_ids))
+    return [vae, prompt, vit] if prompt_before_vit else [vae, vit, prompt]
+
+
 def text_to_image_sample(caption_ids: list[int], vae_image: torch.Tensor) -> list[PlanItem]:
     """Caption (droppable for CFG) -> noised VAE image (flow-matching target)."""
     return [TextItem(list(caption_ids), enable_cfg=True), VAEImage(vae_image, noised=True)]
@@ -122,6 +132,8 @@ class PlanSample:
     num_tokens: int  # packed length without CFG dropout (``plan_num_tokens``)
     kind: str  # "detection" or "t2i"
     key: str  # stable id of the source record (dedupe, held-out splits, debugging)
+    # DIGA: the teacher's view of this sample's ground-truth image (``diga_teacher_sample``).
+    teacher_items: list[PlanItem] | None = None
 
 
 @dataclass
@@ -148,6 +160,7 @@ class PackedBatch:
     vit_position_ids: torch.Tensor  # Long [N]
     vit_token_indexes: torch.Tensor  # Long [N]
     vit_seqlens: torch.Tensor  # Long [n_vit]
+    vit_shapes: list[tuple[int, int]]  # patch grid (h, w) per ViT image
     vae_images: list[torch.Tensor]  # n_vae images [3, H, W]
     vae_noised: torch.Tensor  # Bool [n_vae]
     latent_shapes: list[tuple[int, int]]  # token grid (h, w) per VAE image
@@ -160,6 +173,8 @@ class PackedBatch:
     det_indexes: torch.Tensor  # Long [n_det]: the answer's <|im_start|> position
     det_labels: torch.Tensor  # Long [n_det]: 1 = fake, 0 = real
     sample_kinds: list[str] = field(default_factory=list)
+    # DIGA: the teacher's pack; its i-th VAE image is the ground truth of this pack's i-th noised image.
+    teacher: "PackedBatch | None" = None
 
     @property
     def layout(self) -> PackedLayout:
@@ -182,6 +197,8 @@ class PackedBatch:
                 v = v.to(device, non_blocking=True)
             elif f.name == "vae_images":
                 v = [img.to(device, non_blocking=True) for img in v]
+            elif f.name == "teacher" and v is not None:
+                v = v.to(device)
             values[f.name] = v
         return PackedBatch(**values)
 
@@ -214,6 +231,18 @@ class PackBuilder:
             return False
         p = {TextItem: self.cfg_dropout.text, ViTImage: self.cfg_dropout.vit, VAEImage: self.cfg_dropout.vae}[type(item)]
         return p > 0 and self.rng.random() < p
+
+    def build_with_teacher(self, samples: list[PlanSample]) -> PackedBatch:
+        """Pack ``samples``; when any carries ``teacher_items`` (DIGA), also pack those, in order,
+        as ``batch.teacher`` (every noised image must then have its teacher view)."""
+        batch = self.build([s.items for s in samples], [s.kind for s in samples])
+        teachers = [s.teacher_items for s in samples if s.teacher_items is not None]
+        if teachers:
+            if len(teachers) != int(batch.vae_noised.sum()):
+                raise ValueError(f"{len(teachers)} teacher views for {int(batch.vae_noised.sum())} noised images")
+            # The teacher never drops anything: it must see exactly the ground truth.
+            batch.teacher = PackBuilder(self.special, self.geometry).build(teachers, ["teacher"] * len(teachers))
+        return batch
 
     def build(self, samples: list[list[PlanItem]], kinds: list[str] | None = None) -> PackedBatch:
         if not samples:
@@ -285,6 +314,7 @@ class PackBuilder:
         st.vit_position_ids.append(flat_position_ids(h, w, g.vit_max_num_patch_per_side))
         st.vit_indexes += positions[1:-1]
         st.vit_seqlens.append(n)
+        st.vit_shapes.append((h, w))
         st.split("full", n + 2)
         return rope + 1
 
@@ -319,6 +349,7 @@ class _PackState:
     vit_position_ids: list[torch.Tensor] = field(default_factory=list)
     vit_indexes: list[int] = field(default_factory=list)
     vit_seqlens: list[int] = field(default_factory=list)
+    vit_shapes: list[tuple[int, int]] = field(default_factory=list)
     vae_images: list[torch.Tensor] = field(default_factory=list)
     vae_noised: list[bool] = field(default_factory=list)
     latent_shapes: list[tuple[int, int]] = field(default_factory=list)
@@ -356,6 +387,7 @@ class _PackState:
             vit_position_ids=torch.cat(self.vit_position_ids) if self.vit_position_ids else long([]),
             vit_token_indexes=long(self.vit_indexes),
             vit_seqlens=long(self.vit_seqlens),
+            vit_shapes=self.vit_shapes,
             vae_images=self.vae_images,
             vae_noised=torch.tensor(self.vae_noised, dtype=torch.bool),
             latent_shapes=self.latent_shapes,

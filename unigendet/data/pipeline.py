@@ -172,7 +172,7 @@ class PackedIterable(IterableDataset):
         packer, builder = self._make(role, num_workers)
         while True:
             entries = packer.next_pack()
-            batch = builder.build([e.sample.items for e in entries], [e.sample.kind for e in entries])
+            batch = builder.build_with_teacher([e.sample for e in entries])
             state = {"packer": packer.state_dict(), "cfg_rng": builder.rng.getstate()}
             counters = {n: s.counter.state_dict() for n, s in packer.streams.items()}
             yield PackItem(batch, role, state, counters)
@@ -223,7 +223,9 @@ class PackedDataLoader:
         v = data.vae_transform
         encoder = SampleEncoder(tokenizer, geometry, ImageTransform(t.max_size, t.min_size, t.stride, t.max_pixels),
                                 ImageTransform(v.max_size, v.min_size, v.stride, v.max_pixels), smsa=data.smsa,
-                                max_tokens_per_sample=data.packing.max_num_tokens_per_sample)
+                                max_tokens_per_sample=data.packing.max_num_tokens_per_sample,
+                                diga_teacher_prompt=cfg.diga.teacher_prompt if cfg.stage == "diga" else None,
+                                diga_prompt_before_vit=cfg.diga.prompt_before_vit)
         sources = {name: build_source(name, sc, encoder, data.seed) for name, sc in data.sources.items()}
         p = data.packing
         limits = PackingLimits(p.expected_num_tokens, p.max_num_tokens, p.prefer_buffer_before, p.max_buffer_size)

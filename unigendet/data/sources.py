@@ -63,6 +63,7 @@ from unigendet.data.packing import (
     detection_sample,
     plan_num_tokens,
     text_to_image_sample,
+    diga_teacher_sample,
 )
 from unigendet.data.tokenizer import encode_text
 from unigendet.data.transforms import ImageTransform, pil_to_rgb
@@ -293,6 +294,10 @@ class SampleEncoder:
     vae_transform: ImageTransform
     smsa: bool = True
     max_tokens_per_sample: int = 16384
+    # DIGA: forensic prompt template (``{caption}`` is replaced); when set, text-to-image samples
+    # also carry the frozen teacher's view of their ground-truth image.
+    diga_teacher_prompt: str | None = None
+    diga_prompt_before_vit: bool = True
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -339,7 +344,12 @@ class SampleEncoder:
     def text_to_image(self, image: Image.Image, caption: str, key: str = "") -> PlanSample:
         """Caption (CFG-droppable) -> noised VAE image."""
         vae = self._transform(self.vae_transform, image, key)
-        return self._finish(text_to_image_sample(self._encode(caption), vae), KIND_T2I, key)
+        sample = self._finish(text_to_image_sample(self._encode(caption), vae), KIND_T2I, key)
+        if self.diga_teacher_prompt is not None:
+            vit = self._transform(self.vit_transform, image, key)
+            prompt = self._encode(self.diga_teacher_prompt.replace("{caption}", caption))
+            sample.teacher_items = diga_teacher_sample(prompt, vae, vit, self.diga_prompt_before_vit)
+        return sample
 
     def _encode(self, text: str) -> list[int]:
         return encode_text(self.tokenizer, text)

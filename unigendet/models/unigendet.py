@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "unigendet"
+# Heads a stage may add to a checkpoint that lacks them (kept freshly initialised).
+OPTIONAL_HEADS = ("detection_head.", "diga_projector.")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class UniGenDetOutput:
     velocity: torch.Tensor | None  # [M_noised, patch_latent_dim] at batch.mse_loss_indexes
     det_logits: torch.Tensor | None  # [n_det, K] at batch.det_indexes
     layer_hidden: torch.Tensor | None = None  # [L, D] residual stream after ``capture_layer`` layers
+    projected: torch.Tensor | None = None  # [M_noised, D] diga_projector(layer_hidden) at batch.mse_loss_indexes
 
 
 class UniGenDet(nn.Module):
@@ -170,13 +173,16 @@ class UniGenDet(nn.Module):
         *,
         capture_layer: int | None = None,
         num_layers: int | None = None,
+        project_captured: bool = False,
     ) -> UniGenDetOutput:
         """Run a packed batch.
 
         ``latent_tokens`` ``[M, patch_latent_dim]`` are the (noised or clean) patchified latents of
         ``batch.vae_images`` in pack order, ``latent_timesteps`` ``[M]`` their flow time in [0, 1]
         (0 for clean context images). ``capture_layer`` returns the residual stream after that many
-        decoder layers; ``num_layers`` stops the decoder early (heads then read the early states)."""
+        decoder layers; ``num_layers`` stops the decoder early (heads then read the early states);
+        ``project_captured`` applies the DIGA projector to the captured states at the noised latent
+        tokens (inside forward, so sharded engines gather the projector like any module)."""
         hidden = self.embed(batch, latent_tokens, latent_timesteps)
         routing = Routing.from_gen_index(batch.sequence_length, batch.vae_token_indexes, hidden.device)
         prepared = self.attention.prepare(batch.layout, hidden.device)
@@ -190,7 +196,12 @@ class UniGenDet(nn.Module):
             velocity = self.llm2vae(hidden[batch.mse_loss_indexes])
         if batch.det_indexes.numel() and self.config.detection_head:
             det_logits = self.detection_head(hidden[batch.det_indexes])
-        return UniGenDetOutput(hidden, ce_logits, velocity, det_logits, captured)
+        projected = None
+        if project_captured:
+            if captured is None or not self.config.diga_projector:
+                raise ValueError("project_captured needs capture_layer and a model built with diga_projector: true")
+            projected = self.diga_projector(captured[batch.mse_loss_indexes])
+        return UniGenDetOutput(hidden, ce_logits, velocity, det_logits, captured, projected)
 
     # ---------------------------------------------------------------------------------------------
     # Our own checkpoint format: config.json + model.safetensors
@@ -225,14 +236,21 @@ class UniGenDet(nn.Module):
         config = from_dict(ModelConfig, {**meta["model"], **overrides})
         model = cls(config)
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        model.load_state_dict_strict(state)
+        model.load_state_dict_strict(state, fresh_ok=OPTIONAL_HEADS)
         return model.to(map_location)
 
-    def load_state_dict_strict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load with an error that names every missing and unexpected key and every shape mismatch."""
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor], fresh_ok: tuple[str, ...] = ()) -> None:
+        """Load with an error that names every missing and unexpected key and every shape mismatch.
+
+        A head listed in ``fresh_ok`` (a key prefix) may be absent from ``state`` *as a whole*
+        (e.g. the DIGA projector when stage 2 starts from a stage-1 export): it keeps its fresh init."""
         own = self.state_dict()
         if self.config.llm.tie_word_embeddings:
             own.pop("language_model.lm_head.weight", None)
+        for prefix in fresh_ok:
+            if not any(k.startswith(prefix) for k in state) and any(k.startswith(prefix) for k in own):
+                logger.info("%s* not in the checkpoint: freshly initialised", prefix)
+                own = {k: v for k, v in own.items() if not k.startswith(prefix)}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

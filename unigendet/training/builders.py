@@ -78,7 +78,9 @@ def build_model_and_vae(cfg: TrainConfig, tokenizer) -> tuple[UniGenDet, FluxVAE
         return model.train(), vae
     from unigendet.checkpoint.export import load_model_directory
 
-    model, vae, _ = load_model_directory(init.path, attn_backend=cfg.model.attn_backend)
+    model, vae, _ = load_model_directory(init.path, attn_backend=cfg.model.attn_backend,
+                                         diga_projector=cfg.model.diga_projector,
+                                         diga_projector_mult=cfg.model.diga_projector_mult)
     _check_same_geometry(cfg.model, model.config, init.path)
     return model.train(), vae
 
@@ -149,12 +151,26 @@ def apply_lora(model: UniGenDet, lora: LoRAConfig) -> UniGenDet:
     return model
 
 
-def build_objective(cfg: TrainConfig, vae: FluxVAE):
+def build_teacher(model: UniGenDet, layers: int | None) -> UniGenDet:
+    """A frozen copy of the stage-1 model for DIGA, keeping only the decoder layers it reads."""
+    import copy
+
+    teacher = copy.deepcopy(model)
+    if layers is not None:
+        teacher.language_model.model.layers = teacher.language_model.model.layers[:layers]
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def build_objective(cfg: TrainConfig, vae: FluxVAE, teacher: UniGenDet | None = None):
     if cfg.stage == "gduf":
         from unigendet.objectives import GDUFObjective
 
         return GDUFObjective(cfg.loss, vae, cfg.model.latent_patch_size, cfg.model.detection_loss)
-    raise ConfigError(f"stage {cfg.stage!r} is not available yet")
+    from unigendet.objectives.diga import DIGAObjective
+
+    return DIGAObjective(cfg.diga, teacher, vae, cfg.model.latent_patch_size, cfg.loss.mse_weight,
+                         cfg.loss.timestep_shift)
 
 
 def build_data(cfg: TrainConfig, tokenizer, special, rank: int, world: int):

@@ -13,6 +13,7 @@ from typing import Literal
 from unigendet.config.loader import ConfigError, load_config
 from unigendet.data.packing import CFGDropout
 from unigendet.models.config import ModelConfig
+from unigendet.objectives.diga import DIGAConfig
 from unigendet.objectives.gduf import GDUFLossConfig
 
 logger = logging.getLogger(__name__)
@@ -246,7 +247,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=lambda: InitConfig(tokenizer="tiny"))
     data: DataConfig = field(default_factory=DataConfig)
+    # GDUF weights; DIGA uses loss.mse_weight and loss.timestep_shift with the ``diga`` section.
     loss: GDUFLossConfig = field(default_factory=GDUFLossConfig)
+    diga: DIGAConfig = field(default_factory=DIGAConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -275,6 +278,16 @@ class TrainConfig:
             raise ConfigError("data.smsa needs model.visual_gen: true (the VAE block)")
         if self.model.attn_backend == "flex" and self.device == "cpu":
             raise ConfigError("model.attn_backend 'flex' cannot train on CPU (no backward); use 'sdpa'")
+        if self.stage == "diga":
+            if not self.model.diga_projector:
+                raise ConfigError("stage diga needs model.diga_projector: true")
+            if kinds != {"t2i"}:
+                raise ConfigError("stage diga trains on text-to-image sources only (data.sources kinds must all be t2i)")
+            layers = self.model.llm.num_hidden_layers
+            for name in ("student_layer", "teacher_layer"):
+                value = getattr(self.diga, name)
+                if value is not None and value > layers:
+                    raise ConfigError(f"diga.{name} ({value}) exceeds the model's {layers} layers")
         if self.lora.enabled and self.deepspeed.zero_stage == 3:
             raise ConfigError("LoRA is meant for single-GPU runs; use zero_stage <= 2 with lora.enabled")
 

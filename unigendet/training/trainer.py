@@ -25,6 +25,7 @@ from unigendet.training.builders import (
     build_data,
     build_model_and_vae,
     build_objective,
+    build_teacher,
     build_tokenizer,
 )
 from unigendet.training.config import TrainConfig
@@ -62,12 +63,16 @@ class Trainer:
         seed_everything(cfg.seed)
         self.tokenizer, self.special = build_tokenizer(cfg)
         self.model, self.vae = build_model_and_vae(cfg, self.tokenizer)
+        # DIGA's teacher is copied from the stage-1 weights before anything is frozen or adapted.
+        self.teacher = build_teacher(self.model, cfg.diga.teacher_layer) if cfg.stage == "diga" else None
         apply_freeze(self.model, cfg.freeze)
         if cfg.lora.enabled:
             self.model = apply_lora(self.model, cfg.lora)
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.vae.to(self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
-        self.objective = build_objective(cfg, self.vae)
+        if self.teacher is not None:
+            self.teacher.to(self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        self.objective = build_objective(cfg, self.vae, self.teacher)
         self.data = build_data(cfg, self.tokenizer, self.special, rank(), world_size())
         ds_config = resolve_deepspeed_config(cfg, self.bf16)
         schedule = lr_multiplier(cfg.optim.warmup_steps, cfg.total_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
