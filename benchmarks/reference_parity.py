@@ -11,7 +11,8 @@ What happens:
 1. The reference ``Bagel`` (Qwen2 MoT LLM with qk-norm, SigLIP NaViT, connector, time embedder,
    vae2llm/llm2vae, sin-cos tables) is built exactly as ``train/pretrain_unified_navit.py`` builds it
    (``finetune_from_hf`` path: configs read from ``llm_config.json`` / ``vit_config.json``), at the
-   geometry of ``configs/model/tiny.yaml``. Every parameter is then redrawn from a seeded generator
+   geometry of ``configs/model/tiny.yaml`` (except the VAE: 32/64 channels, because the reference
+   hard-codes ``GroupNorm(32, ...)``). Every parameter is then redrawn from a seeded generator
    (norm gains near 1, und and gen experts independent, ``llm2vae`` non-zero) so that a swapped or
    mis-routed weight cannot hide behind identical copies.
 2. With ``--unigendet-reference``, UniGenDet's ``Bagel`` (same weights plus ``fake_cls_head`` and
@@ -30,7 +31,12 @@ What happens:
    per-token CE, velocity predictions and per-element MSE, ``fake_cls_head`` logits; plus the VAE
    (posterior mean, posterior sample with shared noise, decode) against the reference
    ``AutoEncoder`` on the same ``ae.safetensors``. Max abs difference per output, PASS/FAIL at
-   ``--tolerance`` (default 1e-5).
+   ``--tolerance`` (default 1e-5; the two loss terms, which square / log the outputs, are held to
+   tolerance * max(1, |value|)). Everything runs for two packs: as above, and with both T2I captions
+   CFG-dropped (their noised images then sit at RoPE 0).
+7. Negative control: a 1e-3 shift of one parameter of ours at a time (gen and und experts, q/k norms,
+   final norms, lm_head, time embedder, vae2llm, connector, ViT, detection head) must make the
+   comparison fail; a perturbation that goes unnoticed fails the run.
 
 Runtime patches applied to the reference (each one only makes its CUDA/bf16 code run on CPU in fp32 or
 bridges a transformers 4.x -> 5.x API change; none changes the math of the training forward):
@@ -59,7 +65,6 @@ import contextlib
 import importlib
 import importlib.machinery
 import json
-import math
 import random
 import sys
 import tempfile
@@ -74,24 +79,29 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # bfl_layout.write_bfl_vae: writes a tiny VAE in the BFL layout
 
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
-from unigendet.checkpoint.bagel import adapt_bagel_state_dict, load_bagel_checkpoint  # noqa: E402
-from unigendet.config.loader import load_config, to_dict  # noqa: E402
-from unigendet.data.packing import (  # noqa: E402
+from unigendet.checkpoint.bagel import adapt_bagel_state_dict, load_bagel_checkpoint
+from unigendet.config.loader import load_config, to_dict
+from unigendet.data.packing import (
     LABEL_FAKE,
     LABEL_REAL,
+    CFGDropout,
     PackBuilder,
     detection_sample,
     text_to_image_sample,
 )
-from unigendet.data.synthetic import pack_geometry  # noqa: E402
-from unigendet.data.tokenizer import build_tiny_tokenizer, encode_text, special_token_ids  # noqa: E402
-from unigendet.data.transforms import patchify_latent  # noqa: E402
-from unigendet.losses import noised_latents  # noqa: E402
-from unigendet.models.config import ModelConfig, VAEConfig  # noqa: E402
-from unigendet.models.vae import FluxVAE  # noqa: E402
-from unigendet.ops.attention import dense_mask  # noqa: E402
+from unigendet.data.synthetic import pack_geometry
+from unigendet.data.tokenizer import (
+    build_tiny_tokenizer,
+    encode_text,
+    special_token_ids,
+)
+from unigendet.data.transforms import patchify_latent
+from unigendet.losses import noised_latents
+from unigendet.losses.core import detection_loss, flow_matching_loss, token_ce_loss
+from unigendet.models.config import ModelConfig, VAEConfig
+from unigendet.ops.attention import dense_mask
 
 # The reference VAE hard-codes GroupNorm(32, ...), so the tiny VAE needs channel counts that are
 # multiples of 32 (tiny.yaml's 8/16-channel VAE with 4 groups cannot be built by the reference).
@@ -166,6 +176,17 @@ def _purge_reference_modules() -> None:
             del sys.modules[name]
 
 
+def restore_globals() -> None:
+    """Undo the process-wide patches once the reference models are built and have run."""
+    _purge_reference_modules()
+    if getattr(sys.modules.get("flash_attn"), "flash_attn_varlen_func", None) is _varlen_attention:
+        del sys.modules["flash_attn"]
+    from transformers import modeling_rope_utils
+
+    if modeling_rope_utils.ROPE_INIT_FUNCTIONS.get("default") is _default_rope_init:
+        del modeling_rope_utils.ROPE_INIT_FUNCTIONS["default"]
+
+
 class Reference(types.SimpleNamespace):
     """Handles to one imported reference tree."""
 
@@ -178,8 +199,10 @@ def import_reference(root: Path, unigendet: bool) -> Reference:
     import transformers.modeling_utils  # noqa: F401  (import transformers before a spec-less stub exists)
     from transformers import modeling_rope_utils
 
-    sys.modules["flash_attn"] = _stub("flash_attn", flash_attn_varlen_func=_varlen_attention)
-    modeling_rope_utils.ROPE_INIT_FUNCTIONS.setdefault("default", _default_rope_init)
+    if "flash_attn" not in sys.modules:
+        sys.modules["flash_attn"] = _stub("flash_attn", flash_attn_varlen_func=_varlen_attention)
+    if "default" not in modeling_rope_utils.ROPE_INIT_FUNCTIONS:
+        modeling_rope_utils.ROPE_INIT_FUNCTIONS["default"] = _default_rope_init
 
     _purge_reference_modules()
     sys.path.insert(0, str(root))
@@ -362,16 +385,20 @@ def make_inputs(tokenizer, cfg: ModelConfig, seed: int) -> Inputs:
     def img(h, w):
         return torch.rand(3, h, w, generator=g) * 2 - 1
 
-    ids = lambda text: encode_text(tokenizer, text)  # noqa: E731
+    ids = lambda text: encode_text(tokenizer, text)
     question = ids("\nIs this image real or fake? Explain.")
     return Inputs(
         samples=[
-            dict(kind="det", vae=img(64, 48), vit=img(56, 42), question=question, label=LABEL_FAKE,
-                 answer=ids("This is a fake image. The fur texture is smeared and the shadows disagree.")),
-            dict(kind="t2i", vae=img(48, 48), caption=ids("a photo of a cat on a red sofa")),
-            dict(kind="det", vae=img(48, 64), vit=img(42, 56), question=question, label=LABEL_REAL,
-                 answer=ids("This is a real image. Lighting and perspective are consistent.")),
-            dict(kind="t2i", vae=img(32, 64), caption=ids("a watercolor painting of mountains at dawn")),
+            {
+                "kind": "det", "vae": img(64, 48), "vit": img(56, 42), "question": question, "label": LABEL_FAKE,
+                "answer": ids("This is a fake image. The fur texture is smeared and the shadows disagree."),
+            },
+            {"kind": "t2i", "vae": img(48, 48), "caption": ids("a photo of a cat on a red sofa")},
+            {
+                "kind": "det", "vae": img(48, 64), "vit": img(42, 56), "question": question, "label": LABEL_REAL,
+                "answer": ids("This is a real image. Lighting and perspective are consistent."),
+            },
+            {"kind": "t2i", "vae": img(32, 64), "caption": ids("a watercolor painting of mountains at dawn")},
         ]
     )
 
@@ -386,37 +413,40 @@ def reference_samples(inputs: Inputs) -> list[dict]:
 
     for i, s in enumerate(inputs.samples):
         if s["kind"] == "det":
-            out.append(dict(
-                image_tensor_list=[s["vae"], s["vit"]],  # Bagel: one list in plan order
-                vit_image_tensor_list=[s["vit"]],
-                gen_image_tensor_list=[s["vae"]],
-                text_ids_list=[list(s["question"]), list(s["answer"])],
-                sequence_plan=[item("vae_image", 0), item("vit_image", 0), item("text", 0), item("text", 1)],
-                data_indexes={"data_indexes": [i], "worker_id": 0, "dataset_name": "vlm_sft"},
+            out.append({
+                "image_tensor_list": [s["vae"], s["vit"]],  # Bagel: one list in plan order
+                "vit_image_tensor_list": [s["vit"]],
+                "gen_image_tensor_list": [s["vae"]],
+                "text_ids_list": [list(s["question"]), list(s["answer"])],
+                "sequence_plan": [item("vae_image", 0), item("vit_image", 0), item("text", 0), item("text", 1)],
+                "data_indexes": {"data_indexes": [i], "worker_id": 0, "dataset_name": "vlm_sft"},
                 # FakeClue convention: 1 = real, 0 = fake.
-                label=1 if s["label"] == LABEL_REAL else 0,
-            ))
+                "label": 1 if s["label"] == LABEL_REAL else 0,
+            })
         else:
-            out.append(dict(
-                image_tensor_list=[s["vae"]],
-                gen_image_tensor_list=[s["vae"]],
-                text_ids_list=[list(s["caption"])],
-                sequence_plan=[item("text", 0, enable_cfg=1), item("vae_image", 1)],
-                data_indexes={"data_indexes": [i], "worker_id": 0, "dataset_name": "t2i_pretrain"},
-                generation_auth_explanation_list=["response"],
-                gt_vit_list=[None],
-                gt_prompt_list=["caption"],
-            ))
+            out.append({
+                "image_tensor_list": [s["vae"]],
+                "gen_image_tensor_list": [s["vae"]],
+                "text_ids_list": [list(s["caption"])],
+                "sequence_plan": [item("text", 0, enable_cfg=1), item("vae_image", 1)],
+                "data_indexes": {"data_indexes": [i], "worker_id": 0, "dataset_name": "t2i_pretrain"},
+                "generation_auth_explanation_list": ["response"],
+                "gt_vit_list": [None],
+                "gt_prompt_list": ["caption"],
+            })
     return out
 
 
-def reference_pack(ref: Reference, inputs: Inputs, cfg: ModelConfig, special: dict, use_flex: bool, np_seed: int) -> dict:
+def reference_pack(ref: Reference, inputs: Inputs, cfg: ModelConfig, special: dict, use_flex: bool,
+                   np_seed: int, text_dropout: float) -> dict:
     """Run the reference's ``PackedDataset.pack_sequence`` + ``to_tensor`` on our samples."""
     PD = ref.dataset_base.PackedDataset
     ds = PD.__new__(PD)  # skip __init__: it builds the real datasets from YAML / parquet files
     ds.data_config = ref.dataset_base.DataConfig(
         grouped_datasets={},
-        text_cond_dropout_prob=0.0,  # no CFG dropout: ours runs with CFGDropout(0, 0, 0)
+        # 0: nothing dropped; 1: every enable_cfg item (the T2I captions) dropped. Ours uses the same
+        # probabilities, so both sides drop exactly the same items.
+        text_cond_dropout_prob=text_dropout,
         vit_cond_dropout_prob=0.0,
         vae_cond_dropout_prob=0.0,
         vae_image_downsample=cfg.latent_downsample,
@@ -456,24 +486,32 @@ class Report:
     def __init__(self, tolerance: float):
         self.tolerance = tolerance
         self.rows: list[dict] = []
-        self.notes: list[str] = []
 
-    def numeric(self, name: str, ours: torch.Tensor | None, theirs: torch.Tensor | None, tolerance: float | None = None):
-        tol = self.tolerance if tolerance is None else tolerance
+    def numeric(self, name: str, ours: torch.Tensor | None, theirs: torch.Tensor | None, relative: bool = False):
+        """Max |ours - theirs| <= tolerance. ``relative``: |ours - theirs| <= tolerance * max(1, |theirs|)
+        elementwise -- used for the loss terms, which are squares / logs of the compared outputs, so their
+        fp32 rounding grows with their magnitude (e.g. |a² - b²| = |a - b|·|a + b|)."""
+        tol = self.tolerance
         if ours is None or theirs is None:
-            self.rows.append(dict(name=name, diff=None, scale=None, ok=False, detail="missing output"))
+            self.rows.append({"name": name, "diff": None, "scale": None, "ok": False, "detail": "missing output"})
             return
         ours, theirs = ours.detach().float(), theirs.detach().float()
         if ours.shape != theirs.shape:
-            self.rows.append(dict(name=name, diff=None, scale=None, ok=False,
-                                  detail=f"shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"))
+            self.rows.append({"name": name, "diff": None, "scale": None, "ok": False,
+                              "detail": f"shape {tuple(ours.shape)} vs {tuple(theirs.shape)}"})
             return
         finite = torch.isfinite(theirs)
         same_inf = bool(torch.equal(finite, torch.isfinite(ours)))
         diff = float((ours[finite] - theirs[finite]).abs().max()) if finite.any() else 0.0
         scale = float(theirs[finite].abs().max()) if finite.any() else 0.0
-        ok = same_inf and diff <= tol
-        self.rows.append(dict(name=name, diff=diff, scale=scale, ok=ok, detail=f"shape {tuple(ours.shape)}"))
+        detail = f"shape {tuple(ours.shape)}"
+        if relative:
+            rel = float(((ours[finite] - theirs[finite]).abs() / theirs[finite].abs().clamp(min=1.0)).max()) if finite.any() else 0.0
+            ok = same_inf and rel <= tol
+            detail += f", max |diff|/max(1,|ref|) = {rel:.2e}"
+        else:
+            ok = same_inf and diff <= tol
+        self.rows.append({"name": name, "diff": diff, "scale": scale, "ok": ok, "detail": detail})
 
     def exact(self, name: str, ours, theirs):
         if isinstance(ours, torch.Tensor) or isinstance(theirs, torch.Tensor):
@@ -483,7 +521,7 @@ class Report:
         else:
             ok = ours == theirs
             detail = "" if ok else f"ours {ours!r} vs reference {theirs!r}"
-        self.rows.append(dict(name=name, diff=None, scale=None, ok=ok, detail=detail[:400]))
+        self.rows.append({"name": name, "diff": None, "scale": None, "ok": ok, "detail": detail[:400]})
 
     @property
     def passed(self) -> bool:
@@ -497,62 +535,83 @@ class Report:
                 print(f"  {r['name']:<{width}}  {'equal' if r['ok'] else 'DIFFERS':>12}  {'':>10}  {status}  {r['detail']}")
             else:
                 print(f"  {r['name']:<{width}}  {r['diff']:12.3e}  {r['scale']:10.3g}  {status}  {r['detail']}")
-        for n in self.notes:
-            print(f"  note: {n}")
 
 
-def compare_packs(report: Report, batch, ref_data: dict, ref_flex: dict, label_key: bool) -> None:
+def compare_packs(report: Report, prefix: str, batch, ref_data: dict, ref_flex: dict, label_key: bool) -> None:
     """Field-by-field comparison of our PackedBatch with the reference's packed dict."""
-    report.exact("pack.sequence_length", batch.sequence_length, ref_data["sequence_length"])
-    report.exact("pack.sample_lens", list(batch.sample_lens), list(ref_data["sample_lens"]))
+    report.exact(prefix + "sequence_length", batch.sequence_length, ref_data["sequence_length"])
+    report.exact(prefix + "sample_lens", list(batch.sample_lens), list(ref_data["sample_lens"]))
     # flex mode appends one padding pseudo-split/sample of length max_num_tokens - L (0 here).
-    report.exact("pack.split_lens", list(batch.split_lens), list(ref_flex["split_lens"][:-1]))
-    report.exact("pack.attn_modes", list(batch.attn_modes), list(ref_flex["attn_modes"][:-1]))
-    report.exact("pack.position_ids", batch.position_ids, ref_data["packed_position_ids"])
-    report.exact("pack.text_ids", batch.text_ids, ref_data["packed_text_ids"])
-    report.exact("pack.text_indexes", batch.text_indexes, ref_data["packed_text_indexes"])
-    report.exact("pack.vit_tokens", batch.vit_tokens, ref_data["packed_vit_tokens"])
-    report.exact("pack.vit_position_ids", batch.vit_position_ids, ref_data["packed_vit_position_ids"])
-    report.exact("pack.vit_token_indexes", batch.vit_token_indexes, ref_data["packed_vit_token_indexes"])
-    report.exact("pack.vit_seqlens", batch.vit_seqlens, ref_data["vit_token_seqlens"])
-    report.exact("pack.latent_shapes", [tuple(s) for s in batch.latent_shapes],
+    report.exact(prefix + "split_lens", list(batch.split_lens), list(ref_flex["split_lens"][:-1]))
+    report.exact(prefix + "attn_modes", list(batch.attn_modes), list(ref_flex["attn_modes"][:-1]))
+    report.exact(prefix + "position_ids", batch.position_ids, ref_data["packed_position_ids"])
+    report.exact(prefix + "text_ids", batch.text_ids, ref_data["packed_text_ids"])
+    report.exact(prefix + "text_indexes", batch.text_indexes, ref_data["packed_text_indexes"])
+    report.exact(prefix + "vit_tokens", batch.vit_tokens, ref_data["packed_vit_tokens"])
+    report.exact(prefix + "vit_position_ids", batch.vit_position_ids, ref_data["packed_vit_position_ids"])
+    report.exact(prefix + "vit_token_indexes", batch.vit_token_indexes, ref_data["packed_vit_token_indexes"])
+    report.exact(prefix + "vit_seqlens", batch.vit_seqlens, ref_data["vit_token_seqlens"])
+    report.exact(prefix + "latent_shapes", [tuple(s) for s in batch.latent_shapes],
                  [tuple(s) for s in ref_data["patchified_vae_latent_shapes"]])
-    report.exact("pack.latent_position_ids", batch.latent_position_ids, ref_data["packed_latent_position_ids"])
-    report.exact("pack.vae_token_indexes", batch.vae_token_indexes, ref_data["packed_vae_token_indexes"])
-    report.exact("pack.noised tokens (timestep finite)", batch.mse_token_mask,
+    report.exact(prefix + "latent_position_ids", batch.latent_position_ids, ref_data["packed_latent_position_ids"])
+    report.exact(prefix + "vae_token_indexes", batch.vae_token_indexes, ref_data["packed_vae_token_indexes"])
+    report.exact(prefix + "noised tokens (timestep finite)", batch.mse_token_mask,
                  torch.isfinite(ref_data["packed_timesteps"]))
-    report.exact("pack.mse_loss_indexes", batch.mse_loss_indexes, ref_data["mse_loss_indexes"])
-    report.exact("pack.ce_loss_indexes", batch.ce_loss_indexes, ref_data["ce_loss_indexes"])
-    report.exact("pack.ce_label_ids", batch.ce_label_ids, ref_data["packed_label_ids"])
+    report.exact(prefix + "mse_loss_indexes", batch.mse_loss_indexes, ref_data["mse_loss_indexes"])
+    report.exact(prefix + "ce_loss_indexes", batch.ce_loss_indexes, ref_data["ce_loss_indexes"])
+    report.exact(prefix + "ce_label_ids", batch.ce_label_ids, ref_data["packed_label_ids"])
     # The reference zero-pads its VAE images to the batch maximum; crop them back and compare.
     padded = ref_data["padded_images"]
     same_images = len(batch.vae_images) == padded.shape[0] and all(
         torch.equal(padded[i, :, : img.shape[1], : img.shape[2]], img) for i, img in enumerate(batch.vae_images)
     )
-    report.exact("pack.vae_images (reference padded, cropped)", same_images, True)
+    report.exact(prefix + "vae_images (reference padded, cropped)", same_images, True)
     # Attention: the reference's per-sample float masks (0 / -inf) against our rule.
     ours_mask = dense_mask(batch.layout)
     start, same = 0, True
     for n, m in zip(batch.sample_lens, ref_data["nested_attention_masks"]):
         same &= bool(torch.equal(ours_mask[start : start + n, start : start + n], m == 0))
         start += n
-    report.exact("pack.attention masks (per sample)", same, True)
+    report.exact(prefix + "attention masks (per sample)", same, True)
     # Detection head rows: UniGenDet reads the first index of each run of consecutive CE positions.
     ce = ref_data["ce_loss_indexes"].tolist()
     runs = [ce[0]] + [ce[i] for i in range(1, len(ce)) if ce[i] - ce[i - 1] != 1] if ce else []
-    report.exact("pack.det_indexes (first CE index of each run)", batch.det_indexes.tolist(), runs)
+    report.exact(prefix + "det_indexes (first CE index of each run)", batch.det_indexes.tolist(), runs)
     if label_key:
         # UniGenDet packs FakeClue labels (1 = real, 0 = fake); ours are 1 = fake, 0 = real.
-        report.exact("pack.det_labels (FakeClue 1=real -> ours 1=fake)", batch.det_labels, 1 - ref_data["label"])
+        report.exact(prefix + "det_labels (FakeClue 1=real -> ours 1=fake)", batch.det_labels, 1 - ref_data["label"])
 
 
 # ==================================================================================================
 # Main
 
+# (name, probability of dropping enable_cfg text items): the second scenario drops both T2I captions,
+# so their noised image blocks start at RoPE 0 (the unconditional CFG branch).
+SCENARIOS = (("full", 0.0), ("captions dropped", 1.0))
+
+# Negative control: each of these parameters of OUR model is shifted by NEGATIVE_DELTA in turn; the
+# comparison must then fail, which shows that the part is exercised and the tolerance is discriminating.
+NEGATIVE_CONTROL = (
+    "language_model.model.layers.0.self_attn.q_norm_moe_gen.weight",
+    "language_model.model.layers.0.self_attn.k_norm.weight",
+    "language_model.model.layers.1.self_attn.v_proj_moe_gen.bias",
+    "language_model.model.layers.1.mlp_moe_gen.down_proj.weight",
+    "language_model.model.layers.1.post_attention_layernorm.weight",
+    "language_model.model.norm_moe_gen.weight",
+    "language_model.lm_head.weight",
+    "time_embedder.mlp.0.bias",
+    "vae2llm.weight",
+    "connector.fc2.bias",
+    "vit_model.vision_model.encoder.layers.0.mlp.fc1.bias",
+    "vit_model.vision_model.post_layernorm.bias",
+    "detection_head.1.bias",
+)
+NEGATIVE_DELTA = 1e-3
+
 
 def run_reference(ref: Reference, cfg: ModelConfig, ckpt: Path, state: dict | None, seed: int,
                   inputs: Inputs, special: dict, latents: dict, np_seed: int) -> dict:
-    """Build (or load) the reference model, pack, run the training forward; return everything needed."""
+    """Build (or load) the reference model; per scenario pack and run the training forward; run its VAE."""
     model = build_reference_model(ref, ckpt, cfg)
     if state is None:
         randomize(model, seed)
@@ -561,78 +620,133 @@ def run_reference(ref: Reference, cfg: ModelConfig, ckpt: Path, state: dict | No
         # Same weights as the Bagel run; UniGenDet's extra modules get their own seeded values.
         result = model.load_state_dict(state, strict=False)
         extra = sorted({k.split(".")[0] for k in result.missing_keys})
-        if result.unexpected_keys or extra not in ([], ["fake_cls_head", "latent_to_vit_connector"],
-                                                    ["fake_cls_head"], ["latent_to_vit_connector"]):
+        if result.unexpected_keys or not set(extra) <= {"fake_cls_head", "latent_to_vit_connector"}:
             raise RuntimeError(f"unexpected key mismatch loading the Bagel weights: {result}")
-        for name in extra:
-            randomize(getattr(model, name), seed + 1000 + len(name), prefix=name + ".")
+        for i, name in enumerate(extra):
+            randomize(getattr(model, name), seed + 1000 + i, prefix=name + ".")
         extra_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.split(".")[0] in extra}
     model.train()  # the training forward (forward_train) is the path under test; dropout is 0 everywhere
 
-    data = reference_pack(ref, inputs, cfg, special, use_flex=False, np_seed=np_seed)
-    flex = reference_pack(ref, inputs, cfg, special, use_flex=True, np_seed=np_seed)
-
-    # Flow inputs: the reference's own timestep draws; the clean latents zero-padded as its loop feeds them.
-    z = data["packed_timesteps"]
+    # The clean latents zero-padded to the batch maximum, as the reference's loop feeds `padded_latent`.
     x0 = latents["x0"]
-    shapes = [tuple(int(v) for v in lat.shape) for lat in x0]
-    max_c, max_h, max_w = (max(s[i] for s in shapes) for i in range(3))
+    max_c, max_h, max_w = (max(int(lat.shape[i]) for lat in x0) for i in range(3))
     padded_latent = torch.zeros(len(x0), max_c, max_h, max_w)
     for i, lat in enumerate(x0):
         padded_latent[i, :, : lat.shape[1], : lat.shape[2]] = lat
 
-    kwargs = {k: v for k, v in data.items() if k not in (
-        "padded_images", "ce_loss_weights", "batch_data_indexes", "label",
-        "generation_auth_explanation_list", "gt_vit_list", "gt_prompt_list")}
-    kwargs["padded_latent"] = padded_latent
+    scenarios = {}
+    for name, text_dropout in SCENARIOS:
+        data = reference_pack(ref, inputs, cfg, special, False, np_seed, text_dropout)
+        flex = reference_pack(ref, inputs, cfg, special, True, np_seed, text_dropout)
+        kwargs = {k: v for k, v in data.items() if k not in (
+            "padded_images", "ce_loss_weights", "batch_data_indexes", "label",
+            "generation_auth_explanation_list", "gt_vit_list", "gt_prompt_list")}
+        kwargs["padded_latent"] = padded_latent
+        captured = {}
 
-    captured = {}
-    hooks = [
-        model.language_model.register_forward_pre_hook(
-            lambda m, a, kw: captured.__setitem__("inputs_embeds", kw["packed_sequence"].clone()), with_kwargs=True),
-        model.language_model.model.register_forward_hook(lambda m, a, o: captured.__setitem__("hidden", o)),
-        model.language_model.lm_head.register_forward_hook(lambda m, a, o: captured.__setitem__("ce_logits", o)),
-        model.llm2vae.register_forward_hook(lambda m, a, o: captured.__setitem__("velocity", o)),
-        model.vit_model.register_forward_hook(lambda m, a, o: captured.__setitem__("vit", o)),
-    ]
-    with torch.no_grad(), fixed_randn_like(latents["noise"]):
-        out = model(**kwargs)
-    for h in hooks:
-        h.remove()
-    if ref.unigendet:
-        losses, det_logits = out
-    else:
-        losses, det_logits = out, None
+        def keep(key, store=captured):
+            return lambda module, args, output: store.__setitem__(key, output)
+
+        hooks = [
+            model.language_model.register_forward_pre_hook(
+                lambda m, a, kw, store=captured: store.__setitem__("inputs_embeds", kw["packed_sequence"].clone()),
+                with_kwargs=True,
+            ),
+            model.language_model.model.register_forward_hook(keep("hidden")),  # final-normed states
+            model.language_model.lm_head.register_forward_hook(keep("ce_logits")),
+            model.llm2vae.register_forward_hook(keep("velocity")),
+            model.vit_model.register_forward_hook(keep("vit")),
+        ]
+        try:
+            # The forward noises the latents itself: its one torch.randn_like returns our noise.
+            with torch.no_grad(), fixed_randn_like(latents["noise"]):
+                out = model(**kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        losses, det_logits = out if ref.unigendet else (out, None)
+        scenarios[name] = {
+            "data": data, "flex": flex, "captured": captured, "ce": losses["ce"], "mse": losses["mse"], "det_logits": det_logits,
+            # The reference's t: sigmoid of its own draws (timestep_shift = 1 is the identity); 0 when clean.
+            "t": torch.sigmoid(data["packed_timesteps"]),
+            "label": data.get("label"),  # UniGenDet only: FakeClue labels (1 = real) in pack order
+        }
 
     # The reference VAE on the same ae.safetensors: posterior mean, posterior sample, decode.
-    vae = ref.autoencoder.AutoEncoder(ref_vae_params(ref, cfg.vae))
     from safetensors.torch import load_file
 
-    missing, unexpected = vae.load_state_dict(load_file(str(ckpt / "ae.safetensors")), strict=True)
+    vae = ref.autoencoder.AutoEncoder(ref_vae_params(ref, cfg.vae))
+    vae.load_state_dict(load_file(str(ckpt / "ae.safetensors")), strict=True)
     vae.eval()
     with torch.no_grad():
         img = latents["vae_probe_images"]
         vae.reg.sample = False
-        mean = vae.encode(img)
+        vae_mean = vae.encode(img)
         vae.reg.sample = True
         with fixed_randn_like(latents["vae_probe_eps"]):
-            sample = vae.encode(img)
-        decoded = vae.decode(latents["vae_probe_latents"])
+            vae_sample = vae.encode(img)
+        vae_decoded = vae.decode(latents["vae_probe_latents"])
 
-    return dict(
-        state={k: v.detach().clone() for k, v in model.state_dict().items()} if state is None else None,
-        extra_state=extra_state,
-        data=data,
-        flex=flex,
-        timesteps_t=torch.sigmoid(z),  # the reference's t (timestep_shift = 1 is the identity)
-        captured=captured,
-        ce=losses["ce"],
-        mse=losses["mse"],
-        det_logits=det_logits,
-        vae_mean=mean,
-        vae_sample=sample,
-        vae_decoded=decoded,
-    )
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()} if state is None else None,
+        "extra_state": extra_state,
+        "scenarios": scenarios,
+        "vae_mean": vae_mean,
+        "vae_sample": vae_sample,
+        "vae_decoded": vae_decoded,
+    }
+
+
+def our_forward(model, batch, x_t, t_tok, target):
+    with torch.no_grad():
+        out = model(batch, x_t, t_tok)
+        return {
+            "out": out,
+            "inputs_embeds": model.embed(batch, x_t, t_tok),
+            "vit": model.vit_model(batch.vit_tokens, batch.vit_position_ids, batch.vit_seqlens),
+            "ce": F.cross_entropy(out.ce_logits, batch.ce_label_ids, reduction="none"),
+            "mse": (out.velocity - target[batch.mse_token_mask]) ** 2,
+            "target": target,
+        }
+
+
+def compare_outputs(report: Report, prefix: str, ours: dict, r: dict) -> None:
+    c, out = r["captured"], ours["out"]
+    report.numeric(f"{prefix} input embeddings [L, D]", ours["inputs_embeds"], c["inputs_embeds"])
+    report.numeric(f"{prefix} ViT features (post_layernorm)", ours["vit"], c["vit"])
+    report.numeric(f"{prefix} final hidden states [L, D]", out.hidden, c["hidden"])
+    report.numeric(f"{prefix} CE logits at ce_loss_indexes", out.ce_logits, c["ce_logits"])
+    report.numeric(f"{prefix} per-token CE", ours["ce"], r["ce"], relative=True)
+    report.numeric(f"{prefix} velocity at mse_loss_indexes", out.velocity, c["velocity"])
+    report.numeric(f"{prefix} per-element MSE", ours["mse"], r["mse"], relative=True)
+    if r["det_logits"] is not None:
+        report.numeric(f"{prefix} fake_cls_head logits", out.det_logits, r["det_logits"])
+
+
+def compare_losses(report: Report, prefix: str, batch, ours: dict, r: dict, detection_kind: str) -> None:
+    """Loss reductions: the reference's training loop (world size 1) applied to its own outputs, against
+    our loss functions on ours. Loop formulas (Bagel ``train/pretrain_unified_navit.py``, UniGenDet
+    ``train/pretrain_unified_navit_gduf.py``): ``ce.sum() / n_ce``, ``mse.mean(-1).sum() / n_mse``,
+    ``nn.CrossEntropyLoss()(fake_predicted, label)`` with FakeClue labels (1 = real, 0 = fake)."""
+    out = ours["out"]
+    n_ce, n_mse = len(r["ce"]), len(r["mse"])
+    report.numeric(f"{prefix} CE loss (reduced)", token_ce_loss(out.ce_logits, batch.ce_label_ids, n_ce),
+                   r["ce"].sum() / n_ce, relative=True)
+    report.numeric(f"{prefix} MSE loss (reduced)",
+                   flow_matching_loss(out.velocity, ours["target"][batch.mse_token_mask], n_mse),
+                   r["mse"].mean(dim=-1).sum() / n_mse, relative=True)
+    if r["det_logits"] is not None:
+        report.numeric(f"{prefix} detection loss (reduced, label mapping)",
+                       detection_loss(out.det_logits, batch.det_labels, detection_kind, len(batch.det_labels)),
+                       F.cross_entropy(r["det_logits"], r["label"]), relative=True)
+
+
+def output_diff(ours: dict, r: dict) -> float:
+    c, out = r["captured"], ours["out"]
+    pairs = [(out.hidden, c["hidden"]), (out.ce_logits, c["ce_logits"]), (out.velocity, c["velocity"])]
+    if r["det_logits"] is not None and out.det_logits is not None:
+        pairs.append((out.det_logits, r["det_logits"]))
+    return max(float((a - b).abs().max()) for a, b in pairs)
 
 
 def parse_args(argv=None):
@@ -642,26 +756,34 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, default=None, help="where to write the BAGEL-format directory (default: a temp dir)")
     p.add_argument("--tolerance", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attn-backend", default="sdpa", choices=["sdpa", "flex", "varlen"],
+                   help="our LLM attention backend; 'varlen' is the flash-attn decomposition run with the "
+                        "pure-PyTorch kernel (runs on CPU)")
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_default_dtype(torch.float32)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     cfg = tiny_model_config()
     report = Report(args.tolerance)
+    from transformers.utils import logging as hf_logging
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="reference_parity_")
-        ckpt = Path(tmp.name) / "BAGEL-tiny"
-    else:
-        ckpt = args.workdir
-    ckpt.mkdir(parents=True, exist_ok=True)
+    hf_logging.set_verbosity_error()  # config validation chatter about Qwen's real bos/eos ids in a 512-token vocab
 
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            ckpt = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reference_parity_"))) / "BAGEL-tiny"
+        else:
+            ckpt = args.workdir
+        ckpt.mkdir(parents=True, exist_ok=True)
+        passed = run(args, cfg, ckpt, report)
+    return 0 if passed else 1
+
+
+def run(args, cfg: ModelConfig, ckpt: Path, report: Report) -> bool:
     # ---- checkpoint pieces that do not depend on the reference: configs, tokenizer, VAE
     (ckpt / "llm_config.json").write_text(json.dumps(llm_config_json(cfg), indent=2))
     (ckpt / "vit_config.json").write_text(json.dumps(vit_config_json(cfg), indent=2))
@@ -675,14 +797,14 @@ def main(argv=None) -> int:
     # ---- inputs shared by both sides
     inputs = make_inputs(tokenizer, cfg, args.seed)
     g = torch.Generator().manual_seed(args.seed + 11)
-    vae_images = [s["vae"] for s in inputs.samples]
-    x0 = source_vae.encode_list(vae_images, generator=g)  # clean latents [16, 2h, 2w], one per VAE image
+    x0 = source_vae.encode_list([s["vae"] for s in inputs.samples], generator=g)  # clean latents [16, 2h, 2w]
     x0_tokens = torch.cat([patchify_latent(z, cfg.latent_patch_size) for z in x0])
     noise = torch.randn(x0_tokens.shape, generator=g)
     probe = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
-    probe_eps = torch.randn(2, cfg.vae.latent_channels, 4, 6, generator=torch.Generator().manual_seed(args.seed + 21))
+    eps_seed = args.seed + 21
+    probe_eps = torch.randn(2, cfg.vae.latent_channels, 4, 6, generator=torch.Generator().manual_seed(eps_seed))
     probe_latents = torch.randn(2, cfg.vae.latent_channels, 4, 6, generator=g)
-    latents = dict(x0=x0, noise=noise, vae_probe_images=probe, vae_probe_eps=probe_eps, vae_probe_latents=probe_latents)
+    latents = {"x0": x0, "noise": noise, "vae_probe_images": probe, "vae_probe_eps": probe_eps, "vae_probe_latents": probe_latents}
     np_seed = args.seed + 5
 
     # ---- reference runs
@@ -690,74 +812,94 @@ def main(argv=None) -> int:
     ref_special = ref.data_utils.add_special_tokens(tokenizer)[1]
     report.exact("tokenizer special ids (reference add_special_tokens vs ours)",
                  [ours_special.bos, ours_special.eos, ours_special.start_of_image, ours_special.end_of_image],
-                 [ref_special["bos_token_id"], ref_special["eos_token_id"], ref_special["start_of_image"], ref_special["end_of_image"]])
-    bagel = run_reference(ref, cfg, ckpt, None, args.seed, inputs, ref_special, latents, np_seed)
-    state = bagel["state"]
-    uni = None
+                 [ref_special["bos_token_id"], ref_special["eos_token_id"], ref_special["start_of_image"],
+                  ref_special["end_of_image"]])
+    refs = {"Bagel": run_reference(ref, cfg, ckpt, None, args.seed, inputs, ref_special, latents, np_seed)}
+    state = refs["Bagel"]["state"]
     if args.unigendet_reference is not None:
         uref = import_reference(args.unigendet_reference, unigendet=True)
-        uni = run_reference(uref, cfg, ckpt, state, args.seed, inputs, ref_special, latents, np_seed)
-        state = {**state, **uni["extra_state"]}
-    _purge_reference_modules()
-
+        refs["UniGenDet"] = run_reference(uref, cfg, ckpt, state, args.seed, inputs, ref_special, latents, np_seed)
+        state = {**state, **refs["UniGenDet"]["extra_state"]}
+    restore_globals()
     save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt / "ema.safetensors"))
 
-    # ---- ours
+    # ---- ours, loaded from the BAGEL-format directory
     model, vae, _ = load_bagel_checkpoint(ckpt, vae=to_dict(cfg.vae), max_latent_size=cfg.max_latent_size)
     model.eval()
+    if args.attn_backend != "sdpa":
+        from unigendet.ops.attention import (
+            FlexAttention,
+            VarlenAttention,
+            reference_varlen_kernel,
+        )
+
+        backend = FlexAttention() if args.attn_backend == "flex" else VarlenAttention(kernel=reference_varlen_kernel)
+        # The attention object is shared by every layer; swap it in place.
+        model.attention = backend
+        for layer in model.language_model.model.layers:
+            layer.self_attn.attention = backend
     _, adapt = adapt_bagel_state_dict(state, model.config)
     for key, diff in adapt.pos_embed_max_diff.items():
         report.numeric(f"sin-cos table {key} (reference vs recomputed)", torch.tensor([diff]), torch.tensor([0.0]))
 
-    builder = PackBuilder(ours_special, pack_geometry(model.config))
-    batch = builder.build(our_samples(inputs))
-    compare_packs(report, batch, bagel["data"], bagel["flex"], label_key=False)
-    if uni is not None:
-        compare_packs(report, batch, uni["data"], uni["flex"], label_key=True)
-        # Do the two references pack identically? (UniGenDet's pack_sequence is a modified copy.)
-        report.exact("pack.Bagel vs UniGenDet packed_position_ids", uni["data"]["packed_position_ids"], bagel["data"]["packed_position_ids"])
-
-    t = bagel["timesteps_t"]
-    t_tok = torch.where(torch.isfinite(bagel["data"]["packed_timesteps"]), t, torch.zeros_like(t))
-    x_t, target = noised_latents(x0_tokens, t_tok, noise)
-    with torch.no_grad():
-        out = model(batch, x_t, t_tok)
-        embeds = model.embed(batch, x_t, t_tok)
-        vit = model.vit_model(batch.vit_tokens, batch.vit_position_ids, batch.vit_seqlens)
-
-    ce_ours = F.cross_entropy(out.ce_logits, batch.ce_label_ids, reduction="none")
-    mse_ours = (out.velocity - target[batch.mse_token_mask]) ** 2
-    for tag, r in (("Bagel", bagel), ("UniGenDet", uni)):
-        if r is None:
-            continue
-        c = r["captured"]
-        report.numeric(f"{tag}: input embeddings [L, D]", embeds, c["inputs_embeds"])
-        report.numeric(f"{tag}: ViT features (post_layernorm)", vit, c["vit"])
-        report.numeric(f"{tag}: final hidden states [L, D]", out.hidden, c["hidden"])
-        report.numeric(f"{tag}: CE logits at ce_loss_indexes", out.ce_logits, c["ce_logits"])
-        report.numeric(f"{tag}: per-token CE", ce_ours, r["ce"])
-        report.numeric(f"{tag}: velocity at mse_loss_indexes", out.velocity, c["velocity"])
-        report.numeric(f"{tag}: per-element MSE", mse_ours, r["mse"])
-        if r["det_logits"] is not None:
-            report.numeric(f"{tag}: fake_cls_head logits", out.det_logits, r["det_logits"])
+    ours_by_scenario = {}
+    for name, text_dropout in SCENARIOS:
+        builder = PackBuilder(ours_special, pack_geometry(model.config), CFGDropout(text_dropout, 0.0, 0.0))
+        batch = builder.build(our_samples(inputs))
+        for tag, r in refs.items():
+            sc = r["scenarios"][name]
+            compare_packs(report, f"[{name}] {tag} pack.", batch, sc["data"], sc["flex"], label_key=r["scenarios"][name]["det_logits"] is not None)
+        first = refs["Bagel"]["scenarios"][name]
+        t = torch.where(torch.isfinite(first["data"]["packed_timesteps"]), first["t"], torch.zeros_like(first["t"]))
+        x_t, target = noised_latents(x0_tokens, t, noise)
+        ours = our_forward(model, batch, x_t, t, target)
+        ours_by_scenario[name] = (batch, x_t, t, target)
+        for tag, r in refs.items():
+            compare_outputs(report, f"[{name}] {tag}:", ours, r["scenarios"][name])
+            compare_losses(report, f"[{name}] {tag}:", batch, ours, r["scenarios"][name], model.config.detection_loss)
 
     with torch.no_grad():
-        report.numeric("VAE: posterior mean (scaled)", vae.encode(probe, sample=False), bagel["vae_mean"])
+        report.numeric("VAE: posterior mean (scaled)", vae.encode(probe, sample=False), refs["Bagel"]["vae_mean"])
         report.numeric("VAE: posterior sample (shared eps)",
-                       vae.encode(probe, generator=torch.Generator().manual_seed(args.seed + 21)), bagel["vae_sample"])
-        report.numeric("VAE: decode", vae.decode(probe_latents), bagel["vae_decoded"])
+                       vae.encode(probe, generator=torch.Generator().manual_seed(eps_seed)), refs["Bagel"]["vae_sample"])
+        report.numeric("VAE: decode", vae.decode(probe_latents), refs["Bagel"]["vae_decoded"])
 
-    print(f"reference: {args.reference}" + (f" + {args.unigendet_reference}" if args.unigendet_reference else ""))
-    print(f"pack: {batch.sequence_length} tokens, samples {batch.sample_lens}, {len(batch.vae_images)} VAE images, "
-          f"{len(batch.vit_seqlens)} ViT images, {batch.ce_loss_indexes.numel()} CE, {batch.mse_loss_indexes.numel()} MSE tokens")
+    # ---- negative control: a 1e-3 shift of one of our parameters must be detected
+    batch, x_t, t, target = ours_by_scenario["full"]
+    last = list(refs.values())[-1]["scenarios"]["full"]
+    params = dict(model.named_parameters())
+    controls = []
+    for name in NEGATIVE_CONTROL:
+        if name not in params:
+            continue
+        with torch.no_grad():
+            params[name].add_(NEGATIVE_DELTA)
+            diff = output_diff(our_forward(model, batch, x_t, t, target), last)
+            params[name].sub_(NEGATIVE_DELTA)
+        controls.append((name, diff))
+    baseline = output_diff(our_forward(model, batch, x_t, t, target), last)
+
+    print(f"reference: {args.reference}" + (f" + {args.unigendet_reference}" if args.unigendet_reference else "")
+          + f"; our attention backend: {args.attn_backend}")
+    for name, _ in SCENARIOS:
+        b = ours_by_scenario[name][0]
+        print(f"pack [{name}]: {b.sequence_length} tokens, samples {b.sample_lens}, {len(b.vae_images)} VAE images, "
+              f"{len(b.vit_seqlens)} ViT images, {b.ce_loss_indexes.numel()} CE, {b.mse_loss_indexes.numel()} MSE tokens")
     print(f"tolerance {args.tolerance:g} (fp32, CPU); columns: max |ours - reference|, max |reference|")
     report.print()
-    print("PASS" if report.passed else "FAIL")
+    print(f"negative control (+{NEGATIVE_DELTA:g} on one parameter of ours; max diff of hidden/logits/velocity/head, "
+          f"unperturbed {baseline:.3e}):")
+    controls_ok = True
+    for name, diff in controls:
+        detected = diff > args.tolerance
+        controls_ok &= detected
+        print(f"  {name:<64} {diff:10.3e}  {'detected' if detected else 'MISSED'}")
+    passed = report.passed and controls_ok
+    print("PASS" if passed else "FAIL")
     if args.json:
-        print(json.dumps({"passed": report.passed, "tolerance": args.tolerance, "rows": report.rows}))
-    if tmp is not None:
-        tmp.cleanup()
-    return 0 if report.passed else 1
+        print(json.dumps({"passed": passed, "tolerance": args.tolerance, "rows": report.rows,
+                          "negative_control": dict(controls)}))
+    return passed
 
 
 if __name__ == "__main__":

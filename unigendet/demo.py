@@ -52,7 +52,8 @@ def heldout_accuracy(model_dir: Path, data, cfg, seed: int = 0) -> dict[str, flo
     samples = [source.load(i) for i in range(len(source))]
     builder = PackBuilder(special_token_ids(tokenizer), geometry)
     p_fake, labels = head_fake_probabilities(model, vae, samples, builder, seed=seed)
-    predictions = (p_fake > 0.5).long()
+    # Ties go to "fake", as the official head's argmax over (fake, real) logits does.
+    predictions = (p_fake >= 0.5).long()
     majority = max(labels.float().mean().item(), 1 - labels.float().mean().item())
     return {
         "heldout_images": len(samples),

@@ -80,6 +80,6 @@ class GDUFObjective:
             total = total + self.loss.det_weight * det
             metrics["det"] = det.detach()
             p_fake = fake_probability(out.det_logits.detach(), self.detection_kind)
-            metrics["det_acc"] = ((p_fake > 0.5).long() == batch.det_labels).float().mean()
+            metrics["det_acc"] = ((p_fake >= 0.5).long() == batch.det_labels).float().mean()
         metrics["loss"] = total.detach()
         return total, metrics
