@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stage_main(stage: str, argv: list[str] | None = None) -> int:
+    """Entry for train/gduf.py and train/diga.py: ``unigendet train`` pinned to one stage."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    other = {"gduf": "diga", "diga": "gduf"}[stage]
+    if f"stage={other}" in args:
+        sys.exit(f"this entry point runs stage {stage}; use train/{other}.py for {other.upper()}")
+    return main(["train", *args, f"stage={stage}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     from unigendet.utils.logging import setup_logging
 
