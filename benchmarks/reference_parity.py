@@ -1,6 +1,6 @@
 """Numerical parity of our model with the official BAGEL / UniGenDet code (training forward, fp32, CPU).
 
-    python benchmarks/reference_parity.py --reference /tmp/ref_bagel [--unigendet-reference /tmp/ref_unigendet]
+    python benchmarks/reference_parity.py --reference refs/Bagel [--unigendet-reference refs/UniGenDet]
 
 ``--reference`` is a checkout of github.com/ByteDance-Seed/Bagel and ``--unigendet-reference`` one of
 github.com/Zhangyr2022/UniGenDet. Their code is imported from those paths at run time; nothing of it is
