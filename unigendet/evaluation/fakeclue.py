@@ -62,8 +62,9 @@ def _fingerprint(path: str | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None = None) -> dict:
-    """Evaluate ``detector`` (a ``unigendet.inference.detect.Detector``) on ``cfg``'s split."""
+def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None = None, decoding=None) -> dict:
+    """Evaluate ``detector`` (a ``unigendet.inference.detect.Detector``) on ``cfg``'s split; decoding
+    is greedy (the official evaluation) unless ``decoding`` (a ``DecodingConfig``) says otherwise."""
     records, errors = _load_entries(cfg)
     predictions: list[str | None] = []
     references, labels, p_fake = [], [], []
@@ -79,7 +80,8 @@ def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None 
         if not kept:
             continue
         # Entries of one batch may ask different questions; detect() takes one question per image.
-        results = detector.detect(images, questions=[r.question for r in kept], max_new_tokens=cfg.max_new_tokens)
+        results = detector.detect(images, questions=[r.question for r in kept], max_new_tokens=cfg.max_new_tokens,
+                                  decoding=decoding, seed=cfg.seed)
         for rec, res in zip(kept, results):
             predictions.append(res.text)
             references.append(rec.answer)
@@ -94,6 +96,7 @@ def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None 
         "model": model_path,
         "weights_sha256_head": _fingerprint(model_path),
         "skipped_entries": len(errors),
+        "decoding": asdict(decoding) if decoding is not None else "greedy",
         "dtype": str(next(detector.model.parameters()).dtype).removeprefix("torch."),
         "device": str(next(detector.model.parameters()).device),
         "torch": torch.__version__,

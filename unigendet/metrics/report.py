@@ -24,14 +24,14 @@ HEADLINE_KEYS = ("acc", "f1_macro", "rouge_l", "css", "auc", "n", "n_unparsed", 
 _SKIP_IN_TABLE = {"confusion", "notes", "samples", "unparsed_by_class"}
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """Plain-JSON copy: NaN/inf -> None, numpy scalars/arrays -> Python, Path -> str, tuples -> lists."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy / torch scalars and arrays
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
         return x
     if isinstance(x, float):
@@ -108,7 +108,7 @@ def _markdown(name: str, metrics: dict, config: dict, roc: Path | None) -> str:
     if config:
         lines += ["## Config", "", "| key | value |", "|---|---|"]
         for k, v in _flatten(config).items():
-            lines.append(f"| {k} | {json.dumps(_jsonable(v))} |")
+            lines.append(f"| {k} | {json.dumps(jsonable(v))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -162,8 +162,8 @@ def write_report(out_dir: str | Path, name: str, metrics: dict, config: dict,
 
     doc = {
         "name": name,
-        "metrics": _jsonable(metrics),
-        "config": _jsonable(config),
+        "metrics": jsonable(metrics),
+        "config": jsonable(config),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "unigendet_version": __version__,
     }

@@ -10,6 +10,7 @@ Parameter names follow BAGEL checkpoints: the gen copy of a module ``x`` is ``x_
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,9 @@ class MoTAttention(nn.Module):
             k = getattr(self, "k_norm" + s)(k)
         return q, k, v
 
-    def forward(self, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing, cos, sin, prepared):
+    def forward(self, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing, cos, sin, attend):
+        """``attend(q, k, v, scale=...)`` is the packed attention with its prepared masks in training, or
+        a KV-cache attention at inference; everything else is shared by both paths."""
         qu, ku, vu = self._qkv(und, "und")
         if routing.mixed:
             qg, kg, vg = self._qkv(gen, "gen")
@@ -103,7 +106,7 @@ class MoTAttention(nn.Module):
         else:
             q, k, v = qu, ku, vu
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        o = self.attention(q, k, v, prepared, scale=self.scale).reshape(routing.length, -1)
+        o = attend(q, k, v, scale=self.scale).reshape(routing.length, -1)
         o_und, o_gen = routing.split(o)
         out_und = self.o_proj(o_und)
         out_gen = getattr(self, "o_proj" + self._suffix("gen"))(o_gen) if routing.mixed else None
@@ -130,11 +133,11 @@ class MoTDecoderLayer(nn.Module):
     def _gen(self, name: str, suffix: str) -> nn.Module:
         return getattr(self, name + suffix)
 
-    def forward(self, hidden: torch.Tensor, routing: Routing, cos, sin, prepared) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, routing: Routing, cos, sin, attend) -> torch.Tensor:
         und, gen = routing.split(hidden)
         a_und = self.input_layernorm(und)
         a_gen = self._gen("input_layernorm", self.norm_suffix)(gen) if routing.mixed else None
-        o_und, o_gen = self.self_attn(a_und, a_gen, routing, cos, sin, prepared)
+        o_und, o_gen = self.self_attn(a_und, a_gen, routing, cos, sin, attend)
         und = und + o_und
         m_und = self.mlp(self.post_attention_layernorm(und))
         if routing.mixed:
@@ -169,21 +172,30 @@ class MoTDecoder(nn.Module):
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         routing: Routing,
-        prepared,
+        prepared=None,
         num_layers: int | None = None,
         capture_layer: int | None = None,
+        attend=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``num_layers`` layers (all by default) on ``hidden [L, D]``; return the final-normed
-        states and, if ``capture_layer`` is set, the residual stream after that many layers."""
+        states and, if ``capture_layer`` is set, the residual stream after that many layers.
+
+        Attention is the packed attention over ``prepared`` masks, unless ``attend(layer_index, q, k,
+        v, scale=...)`` is given (the inference KV cache: ``hidden`` is then a query block at
+        absolute RoPE ids ``position_ids``)."""
         cos, sin = self.rotary_emb(hidden, position_ids[None])
         cos, sin = cos[0], sin[0]
         captured = None
         depth = len(self.layers) if num_layers is None else num_layers
         for i, layer in enumerate(self.layers[:depth]):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, routing, cos, sin, prepared, use_reentrant=False)
+            if attend is None:
+                layer_attend = functools.partial(layer.self_attn.attention, prepared=prepared)
             else:
-                hidden = layer(hidden, routing, cos, sin, prepared)
+                layer_attend = functools.partial(attend, i)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, routing, cos, sin, layer_attend, use_reentrant=False)
+            else:
+                hidden = layer(hidden, routing, cos, sin, layer_attend)
             if capture_layer is not None and i + 1 == capture_layer:
                 captured = hidden
         return self.final_norm(hidden, routing), captured
