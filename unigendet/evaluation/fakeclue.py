@@ -8,15 +8,18 @@ errors, reported, and left out of the metrics as the official script does with c
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from unigendet.data.sources import BadSample, load_image_file, parse_fakeclue_entry, read_json_list
+from unigendet.data.sources import (
+    BadSample,
+    load_image_file,
+    parse_fakeclue_entry,
+    read_json_list,
+)
+from unigendet.evaluation.provenance import run_provenance
 from unigendet.metrics import head_metrics, text_metrics, write_report
 
 logger = logging.getLogger(__name__)
@@ -48,20 +51,6 @@ def _load_entries(cfg: FakeClueEvalConfig):
     return records, errors
 
 
-def _fingerprint(path: str | None) -> str | None:
-    """sha256 of a checkpoint's weights file (first 64 MiB, for speed) to tie scores to weights."""
-    if not path:
-        return None
-    p = Path(path)
-    target = next((p / n for n in ("model.safetensors", "ema.safetensors") if (p / n).is_file()), p if p.is_file() else None)
-    if target is None:
-        return None
-    digest = hashlib.sha256()
-    with open(target, "rb") as fh:
-        digest.update(fh.read(64 * 2**20))
-    return digest.hexdigest()[:16]
-
-
 def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None = None, decoding=None) -> dict:
     """Evaluate ``detector`` (a ``unigendet.inference.detect.Detector``) on ``cfg``'s split; decoding
     is greedy (the official evaluation) unless ``decoding`` (a ``DecodingConfig``) says otherwise."""
@@ -91,16 +80,9 @@ def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None 
     for err in errors[:10]:
         logger.warning("skipped: %s", err)
     metrics = {"text": text_metrics(predictions, references, labels), "head": head_metrics(p_fake, labels)}
-    provenance = {
-        **asdict(cfg),
-        "model": model_path,
-        "weights_sha256_head": _fingerprint(model_path),
-        "skipped_entries": len(errors),
-        "decoding": asdict(decoding) if decoding is not None else "greedy",
-        "dtype": str(next(detector.model.parameters()).dtype).removeprefix("torch."),
-        "device": str(next(detector.model.parameters()).device),
-        "torch": torch.__version__,
-    }
+    settings = {**asdict(cfg), "skipped_entries": len(errors),
+                "decoding": asdict(decoding) if decoding is not None else "greedy"}
+    provenance = run_provenance(settings, model_path, detector.model)
     paths = write_report(cfg.out_dir, cfg.name, metrics, provenance, p_fake=p_fake, labels=labels)
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return metrics
