@@ -1,1 +1,3 @@
-"""Inference: detection scoring (head), and later text explanations and image generation."""
+"""Inference: cached forward (``engine``, ``cache``), detection with explanation (``detect``),
+text-to-image sampling (``generate``), detection-head scoring of packed samples (``scoring``) and
+loading trained models for all of them (``loading``)."""
