@@ -218,3 +218,32 @@ def test_fresh_init_copies_und_into_gen(cfg):
     assert torch.equal(layer.self_attn.q_proj.weight, layer.self_attn.q_proj_moe_gen.weight)
     assert torch.equal(layer.mlp.up_proj.weight, layer.mlp_moe_gen.up_proj.weight)
     assert model.llm2vae.weight.abs().sum() == 0
+
+
+def test_loading_builds_without_random_weights(tmp_path, cfg):
+    """Checkpoint loads build parameters on the meta device and adopt the file's tensors; a head the
+    file lacks gets real storage and a fresh init; tied embeddings stay tied; buffers stay fp32."""
+    empty = UniGenDet.without_weights(cfg)
+    assert all(p.is_meta for p in empty.parameters())
+    assert not any(b.is_meta for b in empty.buffers())
+    model = _model(cfg)
+    model.save_pretrained(tmp_path / "stage1")
+    loaded = UniGenDet.from_pretrained(tmp_path / "stage1", diga_projector=True)
+    assert not any(p.is_meta for p in loaded.parameters())
+    projector = loaded.diga_projector[0].weight
+    assert projector.std() > 0.01 and torch.isfinite(projector).all()
+
+    tied_cfg = tiny_config(**{"llm.tie_word_embeddings": True})
+    tied = UniGenDet(tied_cfg)
+    tied.save_pretrained(tmp_path / "tied")
+    reloaded = UniGenDet.from_pretrained(tmp_path / "tied")
+    assert reloaded.language_model.lm_head.weight is reloaded.language_model.model.embed_tokens.weight
+    assert torch.equal(reloaded.language_model.lm_head.weight, tied.language_model.model.embed_tokens.weight)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    half = UniGenDet.without_weights(cfg)
+    half.assign_weights(state, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in half.buffers()} == {torch.float32}
+    with pytest.raises(ValueError, match="got no weights"):
+        UniGenDet.without_weights(cfg).assign_weights({k: v for k, v in state.items() if "llm2vae" not in k})

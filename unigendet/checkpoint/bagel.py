@@ -501,13 +501,6 @@ def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> li
     return fresh
 
 
-def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast parameters only. Buffers stay fp32 on purpose: RoPE's inv_freq is computed in fp32 by the
-    reference, and the sin-cos tables are cast to the activation dtype at lookup anyway."""
-    for param in model.parameters():
-        param.data = param.data.to(dtype)
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry point
 
@@ -554,19 +547,12 @@ def load_bagel_checkpoint(
         logger.info("%d key(s) from %s, %d more from the base checkpoint %s", len(tuned), weights, base_only, directory)
     state, _ = adapt_bagel_state_dict(state, config)
 
-    model = UniGenDet(config)
+    model = UniGenDet.without_weights(config)
     fresh = _check_keys(model, state)
-    result = model.load_state_dict(state, strict=False)
-    # _check_keys already compared against state_dict(); this guards against load_state_dict seeing
-    # keys differently (e.g. a module with custom state-dict hooks).
-    left = [k for k in result.missing_keys if not k.startswith(tuple(h + "." for h in fresh))]
-    if left or result.unexpected_keys:
-        raise CheckpointError("load_state_dict disagrees: " + format_key_problems(left, result.unexpected_keys))
+    model.assign_weights(state, fresh, dtype=dtype or torch.float32)
     for head in fresh:
-        logger.info("%s is not in the checkpoint: it stays freshly initialised", head)
+        logger.info("%s is not in the checkpoint: it is freshly initialised", head)
     del state
-    if dtype is not None:
-        _cast_parameters(model, dtype)
     model.to(map_location).eval()
 
     vae = FluxVAE.from_bfl_file(vae_path, config.vae).to(map_location)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,23 @@ class UniGenDetOutput:
     projected: torch.Tensor | None = None  # [M_noised, D] diga_projector(layer_hidden) at batch.mse_loss_indexes
 
 
+@torch.no_grad()
+def _generic_init(root: nn.Module, std: float = 0.02) -> None:
+    """Qwen2-style fresh init of every Linear, Embedding, LayerNorm and RMSNorm under ``root``."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
+            nn.init.ones_(module.weight)
+
+
 class UniGenDet(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -81,18 +99,7 @@ class UniGenDet(nn.Module):
         """Fresh init (Qwen2 style), then copy every und weight into its gen sibling (BAGEL's
         ``copy_init_moe``) and zero ``llm2vae`` as the reference does. Loading a checkpoint
         overwrites all of this."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, (nn.LayerNorm,)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
-                nn.init.ones_(module.weight)
+        _generic_init(self, std)
         if copy_und_to_gen:
             self.copy_und_to_gen()
         self._init_bridges()
@@ -112,6 +119,45 @@ class UniGenDet(nn.Module):
             bridges.append(self.vae2llm)
         for linear in bridges:
             nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
+
+    # ---------------------------------------------------------------------------------------------
+    # Construction without weights, for checkpoint loads
+
+    @classmethod
+    def without_weights(cls, config: ModelConfig) -> "UniGenDet":
+        """The model with its parameters on the meta device: no memory and no random init, which for
+        BAGEL-7B-MoT would be ~56 GB of fp32 host memory and minutes of CPU time spent on values a
+        checkpoint overwrites. Buffers (fixed sin-cos tables, RoPE frequencies) are built normally.
+        Fill it with :meth:`assign_weights`."""
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return cls(config)
+
+    @torch.no_grad()
+    def assign_weights(self, state: dict[str, torch.Tensor], fresh: Sequence[str] = (),
+                       dtype: torch.dtype = torch.float32) -> None:
+        """Adopt ``state``'s tensors as the parameters (floating ones cast to ``dtype``), without a
+        second copy: ``state`` is consumed (its entries are replaced as they are cast, so the
+        uncast tensors can be freed one by one). Modules named in ``fresh`` (heads absent from the
+        checkpoint) get real storage and a fresh init. Keys and shapes must have been checked.
+        Buffers stay fp32 on purpose: RoPE's inv_freq is fp32 in the reference too, and the sin-cos
+        tables are cast to the activation dtype at lookup."""
+        for key in list(state):
+            if state[key].is_floating_point():
+                state[key] = state[key].to(dtype)
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.config.llm.tie_word_embeddings:
+            # assign=True replaces the Parameter objects, which unties lm_head from the embedding.
+            self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
+        for name in fresh:
+            module = self.get_submodule(name)
+            module.to_empty(device=device)
+            _generic_init(module.to(dtype))
+        left = [name for name, param in self.named_parameters() if param.is_meta]
+        if left:
+            raise ValueError(f"{len(left)} parameter(s) got no weights: {', '.join(left[:8])}")
 
     @torch.no_grad()
     def copy_und_to_gen(self) -> None:
@@ -241,7 +287,7 @@ class UniGenDet(nn.Module):
         if meta.get("format") != FORMAT_TAG:
             raise ValueError(f"{config_path} is not a unigendet config (format={meta.get('format')!r})")
         config = from_dict(ModelConfig, {**meta["model"], **overrides})
-        model = cls(config)
+        model = cls.without_weights(config)
         state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
         model.load_state_dict_strict(state, fresh_ok=OPTIONAL_HEADS)
         return model.to(map_location)
@@ -264,4 +310,9 @@ class UniGenDet(nn.Module):
                   for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
         if missing or unexpected or shapes:
             raise ValueError("checkpoint does not match the model: " + format_key_problems(missing, unexpected, shapes))
-        self.load_state_dict(state, strict=False)
+        fresh = [prefix.rstrip(".") for prefix in fresh_ok
+                 if hasattr(self, prefix.rstrip(".")) and not any(k.startswith(prefix) for k in state)]
+        if any(param.is_meta for param in self.parameters()):
+            self.assign_weights(state, fresh)
+        else:
+            self.load_state_dict(state, strict=False)
