@@ -2,7 +2,12 @@
 
 import pytest
 
-from unigendet.checkpoint.manager import COMPLETE, CheckpointManager, complete_checkpoints, step_tag
+from unigendet.checkpoint.manager import (
+    COMPLETE,
+    CheckpointManager,
+    complete_checkpoints,
+    step_tag,
+)
 
 
 def _fake_checkpoint(root, step, complete=True):

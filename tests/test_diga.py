@@ -1,12 +1,18 @@
 """DIGA: the teacher stays frozen, the alignment loss reaches the optimizer and goes down."""
 
 import torch
-
 from conftest import SPECIAL, geometry, rand_ids, tiny_config
-from unigendet.data.packing import PackBuilder, PlanSample, diga_teacher_sample, plan_num_tokens, text_to_image_sample
+
+from unigendet.data.packing import (
+    PackBuilder,
+    PlanSample,
+    diga_teacher_sample,
+    plan_num_tokens,
+    text_to_image_sample,
+)
 from unigendet.models.unigendet import UniGenDet
-from unigendet.objectives.diga import DIGAConfig, DIGAObjective, teacher_targets
 from unigendet.objectives.common import prepare_latents
+from unigendet.objectives.diga import DIGAConfig, DIGAObjective, teacher_targets
 from unigendet.training.builders import apply_freeze, build_teacher
 from unigendet.training.config import FreezeConfig
 

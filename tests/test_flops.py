@@ -2,8 +2,8 @@
 
 import sys
 
-
 from conftest import REPO, builder, tiny_config
+
 from unigendet.data.packing import TextItem
 from unigendet.ops.attention import dense_mask
 from unigendet.utils.flops import allowed_pairs, training_step_flops

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
+from conftest import builder, tiny_config
 from torch import nn
 
-from conftest import builder, tiny_config
 from unigendet.checkpoint.export import merge_lora_state
 from unigendet.config.loader import ConfigError
 from unigendet.models.unigendet import UniGenDet

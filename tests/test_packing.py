@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import SPECIAL, builder, det_sample, t2i_sample, tiny_config
+
 from unigendet.data.packing import (
     LABEL_FAKE,
     CFGDropout,

@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import SPECIAL, geometry, tiny_config
+
 from unigendet.data.packing import (
     CFGDropout,
     PlanSample,
@@ -20,7 +20,12 @@ from unigendet.data.packing import (
     plan_num_tokens,
     text_to_image_sample,
 )
-from unigendet.data.pipeline import PackedDataLoader, PackedIterable, PackingLimits, TokenBudgetPacker
+from unigendet.data.pipeline import (
+    PackedDataLoader,
+    PackedIterable,
+    PackingLimits,
+    TokenBudgetPacker,
+)
 from unigendet.data.sharding import ShardedStream, epoch_permutation
 from unigendet.data.sources import BadSample, DataQualityError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO
+
 from unigendet.config.loader import ConfigError, load_config
 from unigendet.distributed.engine import resolve_deepspeed_config
 from unigendet.models.config import ModelConfig

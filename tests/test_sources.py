@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import builder, geometry, tiny_config
 from PIL import Image
 
-from conftest import builder, geometry, tiny_config
 from unigendet.data.packing import LABEL_FAKE, LABEL_REAL, TextItem, VAEImage, ViTImage
 from unigendet.data.sources import (
     BadSample,

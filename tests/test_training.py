@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from unigendet.data.demo_data import make_demo_dataset
 
 TINY_RECIPE = REPO / "configs" / "train" / "gduf_demo.yaml"

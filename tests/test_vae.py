@@ -8,7 +8,12 @@ from bfl_layout import diffusers_to_bfl, write_bfl_vae
 from safetensors.torch import load_file, save_file
 
 from unigendet.models.config import VAEConfig
-from unigendet.models.vae import FluxVAE, VAEStateDictError, build_autoencoder, diffusers_key_to_bfl
+from unigendet.models.vae import (
+    FluxVAE,
+    VAEStateDictError,
+    build_autoencoder,
+    diffusers_key_to_bfl,
+)
 
 # Non-default scale/shift so the test proves they come from the config.
 CFG = VAEConfig(

@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from unigendet.config.loader import save_config
-from unigendet.distributed import all_gather_object, barrier, is_main_process, rank, world_size
+from unigendet.distributed import (
+    all_gather_object,
+    barrier,
+    is_main_process,
+    rank,
+    world_size,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,13 @@ from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from unigendet.data.packing import CFGDropout, PackBuilder, PackedBatch, PackGeometry, PlanSample
+from unigendet.data.packing import (
+    CFGDropout,
+    PackBuilder,
+    PackedBatch,
+    PackGeometry,
+    PlanSample,
+)
 from unigendet.data.sharding import ShardedStream, epoch_seed, worker_shard_info
 from unigendet.data.sources import BadSample, BadSampleCounter, DataQualityError
 

@@ -28,7 +28,12 @@ from typing import Any
 import torch
 
 from unigendet.data.packing import PlanSample
-from unigendet.data.sources import BadSample, BadSampleCounter, DataQualityError, SampleSource
+from unigendet.data.sources import (
+    BadSample,
+    BadSampleCounter,
+    DataQualityError,
+    SampleSource,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -61,9 +61,9 @@ from unigendet.data.packing import (
     PackGeometry,
     PlanSample,
     detection_sample,
+    diga_teacher_sample,
     plan_num_tokens,
     text_to_image_sample,
-    diga_teacher_sample,
 )
 from unigendet.data.tokenizer import encode_text
 from unigendet.data.transforms import ImageTransform, pil_to_rgb

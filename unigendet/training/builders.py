@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 
 from unigendet.config.loader import ConfigError, to_dict
-from unigendet.data.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_ids
+from unigendet.data.tokenizer import (
+    build_tiny_tokenizer,
+    load_tokenizer,
+    special_token_ids,
+)
 from unigendet.models.unigendet import UniGenDet
 from unigendet.models.vae import FluxVAE
 from unigendet.training.config import FreezeConfig, LoRAConfig, TrainConfig

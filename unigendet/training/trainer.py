@@ -17,7 +17,13 @@ import torch
 
 from unigendet.checkpoint.manager import CheckpointManager, consolidated_state_dict
 from unigendet.config.loader import save_config
-from unigendet.distributed import all_reduce_sum, init_process_group, is_main_process, rank, world_size
+from unigendet.distributed import (
+    all_reduce_sum,
+    init_process_group,
+    is_main_process,
+    rank,
+    world_size,
+)
 from unigendet.distributed.engine import build_engine, resolve_deepspeed_config
 from unigendet.training.builders import (
     apply_freeze,

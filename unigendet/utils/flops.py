@@ -16,7 +16,7 @@ import torch
 
 from unigendet.data.packing import PackedBatch
 from unigendet.models.config import ModelConfig
-from unigendet.ops.attention import dense_mask, PackedLayout
+from unigendet.ops.attention import PackedLayout, dense_mask
 
 TRAIN_MULTIPLIER = 3  # backward costs twice the forward
 
