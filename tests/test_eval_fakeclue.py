@@ -1,8 +1,10 @@
-"""The FakeClue evaluation job: entries -> detector -> metrics -> reports, with bad entries counted."""
+"""The FakeClue evaluation job: entries -> detector -> metrics -> reports, with bad entries counted;
+resumable and sharded through the evaluation harness."""
 
 import json
 from dataclasses import dataclass
 
+import pytest
 import torch
 from PIL import Image
 
@@ -59,3 +61,50 @@ def test_job_scores_text_and_head_and_counts_bad_entries(tmp_path):
     report = json.loads((tmp_path / "out" / "fakeclue.json").read_text())
     assert report["config"]["skipped_entries"] == 2
     assert (tmp_path / "out" / "fakeclue.md").is_file() and (tmp_path / "out" / "fakeclue_roc.png").is_file()
+
+
+class _CountingDetector(_ScriptedDetector):
+    """Counts images scored; raises after ``die_after`` detect calls to simulate a killed job."""
+
+    def __init__(self, script, die_after=None):
+        super().__init__(script)
+        self.widths = []
+        self.die_after = die_after
+
+    def detect(self, images, questions, max_new_tokens, decoding=None, seed=0):
+        if self.die_after is not None and len(self.questions) // 2 >= self.die_after:
+            raise KeyboardInterrupt
+        self.widths += [img.width for img in images]
+        return super().detect(images, questions, max_new_tokens, decoding, seed)
+
+
+def _split(tmp_path, n=6):
+    entries, script = [], {}
+    for i in range(n):
+        width = 8 + i
+        Image.new("RGB", (width, 8), (width * 10, 0, 0)).save(tmp_path / f"{width}.png")
+        fake = i % 2 == 0
+        entries.append(_entry(f"{width}.png", 0 if fake else 1, f"This is a {'fake' if fake else 'real'} image."))
+        script[width] = (f"This is a {'fake' if i % 3 else 'real'} image. Because.", 0.1 + 0.15 * i)
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    return script
+
+
+def _cfg(tmp_path, out="out", **kw):
+    return FakeClueEvalConfig(json_path=str(tmp_path / "test.json"), image_root=str(tmp_path),
+                              out_dir=str(tmp_path / out), batch_size=2, **kw)
+
+
+def test_job_resumes_after_a_kill_and_shards_match(tmp_path):
+    script = _split(tmp_path)
+    whole = run_fakeclue_eval(_CountingDetector(script), _cfg(tmp_path, "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        run_fakeclue_eval(_CountingDetector(script, die_after=2), _cfg(tmp_path))
+    resumed = _CountingDetector(script)
+    metrics = run_fakeclue_eval(resumed, _cfg(tmp_path))
+    assert resumed.widths == [12, 13]  # the first two batches were kept
+    assert json.dumps(metrics) == json.dumps(whole)
+    shards = [_CountingDetector(script) for _ in range(2)]
+    results = [run_fakeclue_eval(d, _cfg(tmp_path, "sharded", shard=f"{i}/2")) for i, d in enumerate(shards)]
+    assert results[0] is None and json.dumps(results[1]) == json.dumps(whole)
+    assert shards[0].widths == [8, 10, 12] and shards[1].widths == [9, 11, 13]

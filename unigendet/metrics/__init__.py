@@ -1,6 +1,14 @@
-"""Evaluation metrics and reports (FakeClue protocol). Needs the ``eval`` extra (scikit-learn, rouge-score,
-matplotlib) at call time; importing this package does not."""
+"""Evaluation metrics and reports: FakeClue protocol (``fakeclue``), DMimage / ARForensics (``detection``),
+reports and plots (``report``). Needs the ``eval`` extra (scikit-learn, rouge-score, matplotlib) at call time;
+importing this package does not."""
 
+from unigendet.metrics.detection import (
+    arforensics_metrics,
+    binary_summary,
+    dmimage_metrics,
+    head_predictions,
+    resolve_unparsed,
+)
 from unigendet.metrics.fakeclue import (
     FAKECLUE_FAKE,
     FAKECLUE_REAL,
@@ -15,11 +23,20 @@ from unigendet.metrics.fakeclue import (
     parse_verdict,
     text_metrics,
 )
-from unigendet.metrics.report import jsonable, merge_reports, write_report
+from unigendet.metrics.report import (
+    bar_chart_png,
+    curves_png,
+    jsonable,
+    markdown_table,
+    merge_reports,
+    write_report,
+)
 
 __all__ = [
     "jsonable",
     "FAKECLUE_FAKE", "FAKECLUE_REAL", "LABEL_FAKE", "LABEL_REAL", "answer_scores", "css_tfidf", "extract_answer",
     "fakeclue_to_internal", "head_metrics", "internal_to_fakeclue", "merge_reports", "parse_verdict",
     "text_metrics", "write_report",
+    "arforensics_metrics", "bar_chart_png", "binary_summary", "curves_png", "dmimage_metrics", "head_predictions",
+    "markdown_table", "resolve_unparsed",
 ]

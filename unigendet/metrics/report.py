@@ -1,8 +1,10 @@
-"""Evaluation reports: ``<name>.json`` (metrics + provenance), ``<name>.md`` (readable), ``<name>_roc.png``.
+"""Evaluation reports: ``<name>.json`` (metrics + provenance), ``<name>.md`` (readable), ``<name>_roc.png``,
+plus the plots and tables the detection jobs add (:func:`bar_chart_png`, :func:`curves_png`, :func:`markdown_table`).
 
 ``metrics`` is the dict of :func:`~unigendet.metrics.fakeclue.text_metrics` or
 :func:`~unigendet.metrics.fakeclue.head_metrics`, or a dict of such dicts (e.g. ``{"text": ..., "head": ...}``),
-each rendered as its own section. JSON is strict: NaN/inf are written as ``null`` (shown "N/A" in markdown).
+each rendered as its own section (sections holding only nested dicts, such as per-setting metrics, are left to
+the ``tables`` the job passes). JSON is strict: NaN/inf are written as ``null`` (shown "N/A" in markdown).
 In markdown, rates (acc, F1, ROUGE-L, CSS, AUC, per-class acc) are printed ×100 as in the paper; the JSON keeps
 fractions.
 """
@@ -12,13 +14,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from unigendet.metrics.fakeclue import CLASS_NAMES
 
-RATE_KEYS = ("acc", "f1_macro", "rouge_l", "css", "auc", "real_acc", "fake_acc", "acc_unparsed_as_wrong")
+RATE_KEYS = ("acc", "f1_macro", "rouge_l", "css", "auc", "real_acc", "fake_acc", "acc_unparsed_as_wrong",
+             "real_f1", "fake_f1", "overall_acc", "overall_f1", "balanced_acc", "mean_acc", "ap", "mean_auc",
+             "mean_ap")
 # Columns of merge_reports, in this order, when present in any report.
 HEADLINE_KEYS = ("acc", "f1_macro", "rouge_l", "css", "auc", "n", "n_unparsed", "n_errors")
 _SKIP_IN_TABLE = {"confusion", "notes", "samples", "unparsed_by_class"}
@@ -84,9 +88,20 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _markdown(name: str, metrics: dict, config: dict, roc: Path | None) -> str:
+def _has_rows(d: dict) -> bool:
+    return "confusion" in d or any(k not in _SKIP_IN_TABLE and not isinstance(v, (dict, list)) for k, v in d.items())
+
+
+def _markdown(name: str, metrics: dict, config: dict, roc: Path | None, tables: Sequence[str] = (),
+              figures: Mapping[str, Path] | None = None) -> str:
     lines = [f"# {name}", "", "Rates (acc, F1, ROUGE-L, CSS, AUC) ×100; counts as is. Labels: real / fake.", ""]
+    for table in tables:
+        lines += [table.rstrip("\n"), ""]
+    for title, figure in (figures or {}).items():
+        lines += [f"![{title}]({Path(figure).name})", ""]
     for title, d in _sections(metrics):
+        if not _has_rows(d):  # nested-only sections (per setting, per generator) are shown by ``tables``
+            continue
         if title:
             lines += [f"## {title}", ""]
         lines += ["| metric | value |", "|---|---|"]
@@ -142,9 +157,15 @@ def _roc_png(path: Path, p_fake: Sequence[float], labels: Sequence[int], title: 
 
 
 def write_report(out_dir: str | Path, name: str, metrics: dict, config: dict,
-                 p_fake: Sequence[float] | None = None, labels: Sequence[int] | None = None) -> dict[str, Path]:
-    """Write ``<name>.json``, ``<name>.md`` and, with ``p_fake`` and ``labels`` (internal: 1 = fake), ``<name>_roc.png``.
+                 p_fake: Sequence[float] | None = None, labels: Sequence[int] | None = None, *,
+                 tables: Sequence[str] = (), figures: Mapping[str, Path] | None = None,
+                 headline: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write ``<name>.json``, ``<name>.md`` and, with ``p_fake`` and ``labels`` (internal: 1 = fake),
+    ``<name>_roc.png``.
 
+    ``tables``: ready Markdown blocks shown first (e.g. :func:`markdown_table`); ``figures``: ``{title: PNG path}``
+    already written next to the report, embedded in the Markdown; ``headline``: dotted metric keys that
+    :func:`merge_reports` shows for this report by default (stored in the JSON).
     Returns ``{"json": path, "md": path}`` plus ``"roc": path`` when the PNG was written.
     """
     out_dir = Path(out_dir)
@@ -167,10 +188,12 @@ def write_report(out_dir: str | Path, name: str, metrics: dict, config: dict,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "unigendet_version": __version__,
     }
+    if headline is not None:
+        doc["headline"] = list(headline)
     paths["json"] = out_dir / f"{name}.json"
     paths["json"].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     paths["md"] = out_dir / f"{name}.md"
-    paths["md"].write_text(_markdown(name, metrics, config, roc), encoding="utf-8")
+    paths["md"].write_text(_markdown(name, metrics, config, roc, tables, figures), encoding="utf-8")
     if roc is not None:
         paths["roc"] = roc
     return paths
@@ -180,24 +203,112 @@ def merge_reports(paths: Sequence[str | Path], columns: Sequence[str] | None = N
     """Markdown table comparing JSON reports, one row per run (its ``name``).
 
     Columns: ``columns`` if given (dotted keys into ``metrics``, e.g. ``"text.acc"``), else every headline metric
-    (acc, F1, ROUGE-L, CSS, AUC, n, unparsed, errors) found in any report, per section. Missing values show "—".
+    (acc, F1, ROUGE-L, CSS, AUC, n, unparsed, errors) found in any report, per section; a report that declares
+    its own ``headline`` keys (detection and robustness reports) contributes those instead, after the others.
+    Missing values show "—".
     """
     runs = []
     for p in paths:
         doc = json.loads(Path(p).read_text(encoding="utf-8"))
-        runs.append((doc.get("name", Path(p).stem), _flatten(doc.get("metrics", {}))))
+        runs.append((doc.get("name", Path(p).stem), _flatten(doc.get("metrics", {})), doc.get("headline")))
     if columns is None:
-        columns = []
-        for _, flat in runs:
-            for key in flat:
-                if key.split(".")[-1] in HEADLINE_KEYS and key not in columns:
-                    columns.append(key)
-        order = {k: i for i, k in enumerate(HEADLINE_KEYS)}
-        prefix = lambda k: k.rsplit(".", 1)[0] if "." in k else ""
-        sections = list(dict.fromkeys(prefix(k) for k in columns))
-        columns.sort(key=lambda k: (sections.index(prefix(k)), order[k.split(".")[-1]]))
+        columns = _default_columns([flat for _, flat, headline in runs if headline is None])
+        for _, _, headline in runs:
+            columns += [k for k in headline or () if k not in columns]
     lines = ["| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, flat in runs:
+    for name, flat, _ in runs:
         cells = [_fmt(c, flat[c]) if c in flat else "—" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _default_columns(flats: Sequence[dict[str, Any]]) -> list[str]:
+    """Every headline metric found, grouped by section, in HEADLINE_KEYS order within a section."""
+    columns: list[str] = []
+    for flat in flats:
+        for key in flat:
+            if key.split(".")[-1] in HEADLINE_KEYS and key not in columns:
+                columns.append(key)
+    order = {k: i for i, k in enumerate(HEADLINE_KEYS)}
+
+    def prefix(k: str) -> str:
+        return k.rsplit(".", 1)[0] if "." in k else ""
+
+    sections = list(dict.fromkeys(prefix(k) for k in columns))
+    columns.sort(key=lambda k: (sections.index(prefix(k)), order[k.split(".")[-1]]))
+    return columns
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], keys: Sequence[str] | None = None,
+                   title: str | None = None) -> str:
+    """A Markdown table; cell values are formatted like report values, with ``keys[j]`` (default the header)
+    deciding whether column ``j`` is a rate (×100)."""
+    keys = list(keys) if keys is not None else list(header)
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in rows:
+        cells = [cell if isinstance(cell, str) else _fmt(key, cell) for key, cell in zip(keys, row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots (Agg canvas, no pyplot: safe in headless and multi-threaded jobs)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def bar_chart_png(path: str | Path, values: Mapping[str, float], title: str, ylabel: str = "accuracy (%)",
+                  mean: float | None = None, colors: Mapping[str, str] | None = None) -> Path:
+    """Bars of rates (fractions, shown ×100) per name; NaN bars are left empty and labelled N/A; ``mean``
+    (a fraction) is drawn as a dashed line; ``colors`` overrides the colour of some bars."""
+    path = Path(path)
+    names = list(values)
+    heights = [100 * v if v is not None and math.isfinite(v) else 0.0 for v in values.values()]
+    fig = _figure(max(5.5, 0.7 * len(names) + 1.5), 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.bar(range(len(names)), heights, color=[(colors or {}).get(n, "tab:blue") for n in names])
+    for bar, v in zip(bars, values.values()):
+        label = "N/A" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 1, label, ha="center", fontsize=8)
+    if mean is not None and math.isfinite(mean):
+        ax.axhline(100 * mean, linestyle="--", color="grey", linewidth=1, label=f"mean {100 * mean:.1f}")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 108)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def curves_png(path: str | Path, panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+               title: str, ylabel: str = "metric (%)") -> Path:
+    """One subplot per panel (x-axis label = panel name), one line per series of (x, rate) points; rates
+    are fractions shown ×100, NaN points are dropped."""
+    path = Path(path)
+    fig = _figure(4.5 * max(1, len(panels)), 4.0)
+    for k, (xlabel, series) in enumerate(panels.items(), 1):
+        ax = fig.add_subplot(1, max(1, len(panels)), k)
+        for label, points in series.items():
+            pts = [(x, 100 * y) for x, y in points if y is not None and math.isfinite(y)]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, linewidth=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
