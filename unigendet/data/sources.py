@@ -730,6 +730,14 @@ class TextToImageSource:
             return f"{part.name}:{row}"
         return str(self._row(part, row)[self.key_column])
 
+    def raw_record(self, index: int) -> tuple[str, Any, Any]:
+        """(key, caption cell, image cell) of row ``index``, undecoded (evaluation jobs read prompts and
+        reference-image paths without decoding every image)."""
+        part, row = self._locate(index)
+        record = self._row(part, row)
+        key = str(record[self.key_column]) if self.key_column is not None else f"{part.name}:{row}"
+        return key, record[self.caption_column], record[self.image_column]
+
     def load(self, index: int) -> PlanSample:
         part, row = self._locate(index)
         record = self._row(part, row)

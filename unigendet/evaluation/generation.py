@@ -150,14 +150,6 @@ def open_source(selection: PromptSelection) -> TextToImageSource:
     )
 
 
-def _row_cells(source: TextToImageSource, index: int) -> tuple[Any, Any]:
-    """(caption, image cell) of a source row without decoding the image. Reads the row the way ``load`` does
-    (the source has no public undecoded-row accessor)."""
-    part, row = source._locate(index)
-    record = source._row(part, row)
-    return record[source.caption_column], record[source.image_column]
-
-
 def _candidate_indices(source: TextToImageSource, selection: PromptSelection) -> range:
     if selection.rule == "heldout":
         return range(len(source))
@@ -176,12 +168,12 @@ def select_prompts(selection: PromptSelection, source: TextToImageSource | None 
     for i in _candidate_indices(source, selection):
         if selection.limit is not None and len(prompts) >= selection.limit:
             break
-        caption, cell = _row_cells(source, i)
+        key, caption, cell = source.raw_record(i)
         if not isinstance(caption, str) or not caption.strip():
             blank += 1
             continue
         image_path = cell if isinstance(cell, str) else None
-        prompts.append(EvalPrompt(len(prompts), source.key_of(i), caption, image_path, i))
+        prompts.append(EvalPrompt(len(prompts), key, caption, image_path, i))
     if blank:
         logger.warning("skipped %d selected rows with a blank caption", blank)
     if not prompts:
