@@ -407,3 +407,29 @@ def test_dtype_casts_parameters_only(template):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.latent_pos_embed.pos_embed.dtype == torch.float32
     assert model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_detect_and_generate_cli_read_a_bagel_directory(template, tmp_path, capsys, monkeypatch):
+    """`--bagel`: inference loads a BAGEL/UniGenDet directory directly, with the detection head's verdict."""
+    from functools import partial
+
+    from PIL import Image
+
+    from unigendet.checkpoint import bagel
+    from unigendet.cli import main
+    from unigendet.inference.loading import build_detector
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    detector = build_detector(template, bagel=True, device="cpu", overrides=TINY)
+    [expected] = detector.detect([Image.open(image).convert("RGB")], max_new_tokens=2, seed=42)
+    # BAGEL directories imply the FLUX VAE geometry; the tiny template's VAE is smaller.
+    monkeypatch.setattr(bagel, "load_bagel_checkpoint", partial(bagel.load_bagel_checkpoint, **TINY))
+    args = ["--model", str(template), "--bagel", "--device", "cpu"]
+    assert main(["detect", str(image), *args, "--json", "--max-new-tokens", "2"]) == 0
+    [record] = json.loads(capsys.readouterr().out)
+    assert record["p_fake"] == pytest.approx(expected.p_fake, rel=1e-5) and record["label"] == expected.label
+    assert record["explanation"] == expected.text
+    assert main(["generate", "a photo of a cat", *args, "--out", str(tmp_path / "gen"), "--steps", "3",
+                 "--size", "32"]) == 0
+    assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (32, 32)
