@@ -1,5 +1,5 @@
-"""Diversity: LPIPS (AlexNet + v0.1 heads) and CLIP similarity built from test-made weights, pair counting,
-aggregation, sample generation layout, missing-weights errors."""
+"""Diversity: LPIPS (AlexNet + v0.1 heads) and CLIP similarity built from test-made weights (CLIP's text path
+with a test-made tokenizer too), pair counting, aggregation, sample generation layout, missing-weights errors."""
 
 import json
 
@@ -141,6 +141,27 @@ def test_clip_similarity(clip_dir, tmp_path):
         ClipModel(tmp_path)
     with pytest.raises(RuntimeError, match="tokenizer"):
         clip.text_embeddings(["a red car"])
+
+
+def test_clip_text_path_with_a_tokenizer(tmp_path):
+    from tiny_hf import save_tiny_clip
+
+    directory = save_tiny_clip(tmp_path / "clip")
+    clip = ClipModel(directory, need_text=True)
+    texts = ["a red car", "a photo of a blue-colored tv remote", "a photo of a red object"]
+    emb = clip.text_embeddings(texts)
+    assert emb.shape == (3, 8) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.cdist(emb, emb).fill_diagonal_(1).min() > 1e-4  # pooled at the end token, not a shared position
+    alone = torch.cat([clip.text_embeddings([t]) for t in texts])
+    assert torch.allclose(emb, alone, atol=1e-5)  # padding in a batch changes nothing
+    assert clip.text_embeddings(["A  Red CAR"]).allclose(emb[0], atol=1e-6)  # CLIP's lower-casing and spaces
+    image = clip.image_embeddings(_images(1, seed=6))
+    assert (image @ emb.T).shape == (1, 3)
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = 49407  # an id this tokenizer never emits
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="eos_token_id"):
+        ClipModel(directory, need_text=True)
 
 
 def test_aggregation_is_mean_over_prompts(lpips_files, clip_dir):

@@ -1,7 +1,9 @@
 """GenEval: metadata loading, the rule engine on synthetic detections (hand-worked examples), the layout writer,
-result parsing and the summary. No detector or CLIP weights are needed."""
+result parsing and the summary; then the transformers backend (Mask2Former + CLIP colours) end to end on tiny
+random-weight models the tests build (tests/tiny_hf.py), through the library and the CLI. Nothing is downloaded."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from unigendet.evaluation.geneval import (
     APPROXIMATE_NOTE,
     APPROXIMATE_SCORER,
     COLORS,
+    GENEVAL_CLASSES,
     ClipColorClassifier,
     Detection,
     GenEvalReportConfig,
@@ -310,6 +313,15 @@ def test_boxes_from_masks_and_class_names():
     assert geneval_class_name("dog") == "dog"
 
 
+def test_hf_coco_instance_labels_map_onto_geneval_classes():
+    from tiny_hf import COCO_INSTANCE_NAMES
+
+    assert len(GENEVAL_CLASSES) == len(set(GENEVAL_CLASSES)) == 80
+    assert tuple(geneval_class_name(n) for n in COCO_INSTANCE_NAMES) == GENEVAL_CLASSES  # same order too
+    changed = {n: geneval_class_name(n) for n in COCO_INSTANCE_NAMES if geneval_class_name(n) != n}
+    assert changed == {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
+
+
 def test_object_crop_composites_on_grey():
     image = Image.new("RGB", (6, 4), (255, 0, 0))
     mask = np.zeros((4, 6), dtype=bool)
@@ -348,3 +360,167 @@ def test_clip_colour_classifier_logic():
     colours = classifier.classify(image, [Detection((0, 0, 5, 10), 0.9), Detection((5, 0, 10, 10), 0.9)], "car")
     assert colours == ["green", "blue"]
     assert classifier.classify(image, [], "car") == []
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers backend end to end on tiny random-weight models (built here, nothing downloaded)
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tmp_path_factory):
+    from tiny_hf import save_tiny_clip, save_tiny_mask2former
+
+    root = tmp_path_factory.mktemp("backend")
+    # Every query: "remote" (GenEval's "tv remote") with a whole-image mask, score ~0.996; 2 queries -> 2 objects.
+    detector = save_tiny_mask2former(root / "mask2former", num_queries=2, force_label="remote")
+    return detector, save_tiny_clip(root / "clip")
+
+
+BACKEND_PROMPTS = [
+    meta("single_object", [{"class": "tv remote", "count": 1}]),
+    meta("counting", [{"class": "tv remote", "count": 2}], exclude=[{"class": "tv remote", "count": 3}]),
+    meta("counting", [{"class": "tv remote", "count": 3}], exclude=[{"class": "tv remote", "count": 4}]),
+    meta("colors", [{"class": "tv remote", "count": 1, "color": "red"}]),
+    meta("position", [{"class": "tv remote", "count": 1},
+                      {"class": "tv remote", "count": 1, "position": ["left of", 0]}]),
+    meta("two_object", [{"class": "tv remote", "count": 1}, {"class": "dog", "count": 1}]),
+    meta("color_attr", [{"class": "cat", "count": 1, "color": "blue"},
+                        {"class": "tv remote", "count": 1, "color": "green"}]),
+]
+
+
+def _write_layout(gen_dir, prompts, samples=2):
+    rng = np.random.default_rng(7)
+    for i, entry in enumerate(prompts):
+        folder = gen_dir / f"{i:05d}"
+        (folder / "samples").mkdir(parents=True)
+        (folder / "metadata.jsonl").write_text(json.dumps({**entry, "prompt": f"prompt {i}"}))
+        for k in range(samples):  # 64 wide, 48 high: a width/height mix-up shows up in masks and boxes
+            Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+                folder / "samples" / f"{k:05d}.png")
+
+
+def _reference_colour(clip_dir, image, classname):
+    """The official colour rule computed straight from the transformers model (not through ClipModel)."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    with torch.no_grad():
+        rows = []
+        for colour in COLORS:
+            texts = [f"a photo of a {colour} {classname}", f"a photo of a {colour}-colored {classname}",
+                     f"a photo of a {colour} object"]
+            tokens = tokenizer(texts, padding=True, return_tensors="pt")
+            text = model.get_text_features(**tokens)
+            text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1).mean(0)
+            rows.append(text / text.norm())
+        pixels = CLIPImageProcessorPil.from_pretrained(clip_dir)(images=[image], return_tensors="pt")["pixel_values"]
+        embedding = model.get_image_features(pixel_values=pixels)
+        embedding = torch.nn.functional.normalize(getattr(embedding, "pooler_output", embedding), dim=-1)
+    return COLORS[int((embedding @ torch.stack(rows).T).argmax())]
+
+
+def test_mask2former_detector_on_a_tiny_model(tiny_backend, tmp_path, caplog):
+    from tiny_hf import COCO_INSTANCE_NAMES, save_tiny_mask2former
+
+    with caplog.at_level(logging.WARNING, logger="unigendet.evaluation.geneval"):
+        detector = TransformersMask2FormerDetector(tiny_backend[0])
+    assert "do not cover" not in caplog.text  # the COCO label names cover every GenEval class
+    assert detector.labels[65] == "tv remote" and detector.labels[64] == "computer mouse"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    found = detector.detect(image)
+    assert list(found) == ["tv remote"] and len(found["tv remote"]) == 2
+    for d in found["tv remote"]:
+        assert d.box == (0.0, 0.0, 64.0, 48.0) and 0.99 < d.score < 1 and d.mask.shape == (48, 64) and d.mask.all()
+    # Random weights: arbitrary detections, but well-formed and repeatable; all labels are GenEval names.
+    random_dir = save_tiny_mask2former(tmp_path / "random", num_queries=6)
+    random = TransformersMask2FormerDetector(random_dir, min_score=0.0)
+    first, second = random.detect(image), random.detect(image)
+    assert first and set(first) <= {geneval_class_name(n) for n in COCO_INSTANCE_NAMES}
+    assert sum(len(v) for v in first.values()) <= 6
+    for name, dets in first.items():
+        assert [(d.box, d.score) for d in dets] == [(d.box, d.score) for d in second[name]]
+        for d in dets:
+            x1, y1, x2, y2 = d.box
+            assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 48 and d.mask.shape == (48, 64)
+            assert boxes_from_masks(torch.from_numpy(d.mask)[None]) == [d.box]
+    assert TransformersMask2FormerDetector(random_dir).detect(image) == {}  # random scores ~1/81 < 0.3
+    config = json.loads((random_dir / "config.json").read_text())
+    config["id2label"] = {str(i): f"thing {i}" for i in range(80)}
+    (random_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="unigendet.evaluation.geneval"):
+        TransformersMask2FormerDetector(random_dir)
+    assert "do not cover 80 GenEval classes" in caplog.text
+
+
+def test_clip_colour_classifier_on_a_tiny_model(tiny_backend):
+    classifier = ClipColorClassifier.from_pretrained(tiny_backend[1])
+    table = classifier.classifier("tv remote")
+    assert table.shape == (len(COLORS), 8) and torch.allclose(table.norm(dim=1), torch.ones(len(COLORS)))
+    assert torch.cdist(table, table).fill_diagonal_(1).min() > 1e-4  # the colour word changes the text embedding
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    mask = np.zeros((48, 64), dtype=bool)
+    mask[5:30, 10:40] = True
+    detection = Detection((10, 5, 40, 30), 0.9, mask)
+    expected = _reference_colour(tiny_backend[1], object_crop(image, detection), "tv remote")
+    assert classifier.classify(image, [detection, Detection((0, 0, 64, 48), 0.9)], "tv remote")[0] == expected
+
+
+def test_transformers_backend_end_to_end(tiny_backend, tmp_path, capsys):
+    from unigendet.cli import main
+
+    gen = tmp_path / "gen"
+    _write_layout(gen, BACKEND_PROMPTS)
+    detector_dir, clip_dir = tiny_backend
+    runs = []
+    for n in range(2):  # fresh models each time: the scores must not depend on state
+        out = tmp_path / f"run{n}"
+        rows = score_folder(gen, TransformersMask2FormerDetector(detector_dir),
+                            ClipColorClassifier.from_pretrained(clip_dir), out / "results.jsonl",
+                            scorer=APPROXIMATE_SCORER)
+        runs.append((rows, (out / "results.jsonl").read_text()))
+    rows, text = runs[0]
+    assert runs[1][1] == text
+    assert len(rows) == len(text.splitlines()) == 2 * len(BACKEND_PROMPTS)
+    assert [json.loads(line) for line in text.splitlines()] == rows
+    by_tag = {}
+    for row in rows:
+        by_tag.setdefault(row["tag"], []).append(row)
+        assert row["scorer"] == APPROXIMATE_SCORER and set(json.loads(row["details"])) == {"tv remote"}
+        assert json.loads(row["details"])["tv remote"] == [[0.0, 0.0, 64.0, 48.0, pytest.approx(0.996, abs=1e-3)]] * 2
+    assert [r["correct"] for r in by_tag["single_object"]] == [True, True]
+    counting = by_tag["counting"]
+    assert [r["correct"] for r in counting] == [True, True, False, False]
+    assert counting[2]["reason"] == "expected tv remote>=3, found 2"
+    for row in by_tag["position"]:  # identical whole-image boxes: no relation at all
+        assert not row["correct"] and row["reason"] == "expected tv remote left of target, found  target"
+    assert all(r["reason"] == "expected dog>=1, found 0" for r in by_tag["two_object"])
+    assert all(r["reason"].startswith("expected cat>=1, found 0") for r in by_tag["color_attr"])
+    for row in by_tag["colors"]:  # whole-image mask and box: the crop is the image itself
+        with Image.open(row["filename"]) as image:
+            colour = _reference_colour(clip_dir, image.convert("RGB"), "tv remote")
+        assert row["correct"] is (colour == "red")
+        assert row["reason"] == ("" if colour == "red" else f"expected red tv remote>=1, found 0 red; and 1 {colour}")
+
+    report_dir = tmp_path / "report"
+    metrics = write_geneval_report(rows, GenEvalReportConfig(str(report_dir), backend="transformers",
+                                                             gen_dir=str(gen), rules=RuleConfig()))
+    assert metrics["geneval"]["notes"] == [APPROXIMATE_NOTE] and metrics["geneval"]["n_images"] == 14
+    assert metrics["geneval"]["SO"] == 1.0 and metrics["geneval"]["CT"] == 0.5 and metrics["geneval"]["POS"] == 0.0
+
+    (tmp_path / "model").mkdir()
+    cli_out = tmp_path / "cli"
+    assert main(["eval", "geneval", "--stage", "score", "--model", str(tmp_path / "model"), "--gen-dir", str(gen),
+                 "--detector-dir", str(detector_dir), "--clip-dir", str(clip_dir), "--out", str(cli_out),
+                 "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)["geneval"]
+    assert (cli_out / "geneval_results.jsonl").read_text() == text
+    assert printed == metrics["geneval"] and APPROXIMATE_NOTE in printed["notes"]
+    saved = json.loads((cli_out / "geneval.json").read_text())
+    assert saved["metrics"]["geneval"] == printed
+    assert "APPROXIMATE" in (cli_out / "geneval.md").read_text()
+    # The summary of those results, read back, is labelled approximate too.
+    assert main(["eval", "geneval", "--stage", "summarise", "--model", str(tmp_path / "model"), "--gen-dir", str(gen),
+                 "--results", str(cli_out / "geneval_results.jsonl"), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads(capsys.readouterr().out)["geneval"] == printed

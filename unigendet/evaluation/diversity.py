@@ -92,6 +92,7 @@ class ClipModel:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            _check_text_pooling(self.model.config.text_config, self.tokenizer, directory)
         self.path = str(directory)
 
     @torch.no_grad()
@@ -112,6 +113,16 @@ class ClipModel:
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         features = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return torch.nn.functional.normalize(_pooled(features).float().cpu(), dim=-1)
+
+
+def _check_text_pooling(text_config, tokenizer, directory: Path) -> None:
+    """CLIP pools the text at the first ``eos_token_id`` of the model config (the arg-max token id when it is the
+    legacy value 2). A config whose end token the tokenizer never emits would pool position 0 for every text,
+    making all text embeddings equal: refuse it."""
+    eos = getattr(text_config, "eos_token_id", None)
+    if eos != 2 and eos != tokenizer.eos_token_id:
+        raise ValueError(f"CLIP directory {directory}: the text config's eos_token_id ({eos}) is not the "
+                         f"tokenizer's end-of-text id ({tokenizer.eos_token_id}); text pooling would be wrong")
 
 
 def _image_processor(directory: Path):

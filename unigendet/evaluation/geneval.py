@@ -453,13 +453,27 @@ def _require_model_dir(path: str | Path | None, what: str) -> Path:
     return Path(path)
 
 
-# GenEval's class names where COCO label maps commonly differ.
-_CLASS_ALIASES = {"motorbike": "motorcycle", "aeroplane": "airplane", "sofa": "couch", "pottedplant": "potted plant",
-                  "diningtable": "dining table", "tvmonitor": "tv", "remote": "tv remote", "mouse": "computer mouse",
-                  "keyboard": "computer keyboard", "hair dryer": "hair drier"}
+# GenEval's 80 class names (its object_names.txt, the mmdet COCO order).
+GENEVAL_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "computer mouse", "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster",
+    "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+# transformers' Mask2Former COCO-instance checkpoints (facebook/mask2former-swin-*-coco-instance) take their id2label
+# from huggingface/label-files coco-detection-mmdet-id2label.json: mmdet's COCO names, which GenEval renamed in
+# three places (mouse, remote, keyboard). The other entries cover PASCAL-style spellings and "hair dryer".
+_CLASS_ALIASES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard",
+                  "hair dryer": "hair drier", "motorbike": "motorcycle", "aeroplane": "airplane", "sofa": "couch",
+                  "pottedplant": "potted plant", "diningtable": "dining table", "tvmonitor": "tv"}
 
 
 def geneval_class_name(label: str) -> str:
+    """GenEval's name for a detector label (lower case, ``_`` as space, the aliases above)."""
     name = label.strip().lower().replace("_", " ")
     return _CLASS_ALIASES.get(name, name)
 
@@ -478,7 +492,12 @@ def boxes_from_masks(masks: torch.Tensor) -> list[tuple[float, float, float, flo
 
 
 class TransformersMask2FormerDetector:
-    """COCO instance segmentation with a transformers ``Mask2FormerForUniversalSegmentation`` (approximate)."""
+    """COCO instance segmentation with a transformers ``Mask2FormerForUniversalSegmentation`` (approximate).
+
+    Post-processing is transformers' ``post_process_instance_segmentation``: the same query × class top-k and
+    class × mean-mask-probability score as mmdet's, but masks are binarised at 384×384 and resized (nearest) to the
+    image, where mmdet resizes the logits (bilinear) first; queries with empty masks are dropped. Boxes are the
+    masks' tight boxes (mmdet's ``mask2bbox``)."""
 
     def __init__(self, model_dir: str | Path | None, device: str | torch.device = "cpu", min_score: float = 0.3):
         from transformers import Mask2FormerForUniversalSegmentation
@@ -494,6 +513,11 @@ class TransformersMask2FormerDetector:
         self.processor = processor_class.from_pretrained(directory, local_files_only=True)
         self.min_score = min_score
         self.labels = {int(k): geneval_class_name(v) for k, v in self.model.config.id2label.items()}
+        unknown = sorted(set(GENEVAL_CLASSES) - set(self.labels.values()))
+        if unknown:
+            logger.warning("Mask2Former labels in %s do not cover %d GenEval classes (%s): those are never "
+                           "detected; is this a COCO instance-segmentation checkpoint?", directory, len(unknown),
+                           ", ".join(unknown[:10]))
         self.path = str(directory)
 
     @torch.no_grad()
