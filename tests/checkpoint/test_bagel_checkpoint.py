@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from bfl_layout import write_bfl_vae
-from conftest import builder, tiny_config
+from helpers.bfl_layout import write_bfl_vae
+from helpers import builder, tiny_config
 from safetensors.torch import load_file, save_file
 
 from unigendet.checkpoint.bagel import (

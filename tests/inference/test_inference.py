@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import SPECIAL, builder, rand_ids, tiny_config
+from helpers import SPECIAL, builder, rand_ids, tiny_config
 from PIL import Image
 
 from unigendet.data.packing import LABEL_FAKE, TextItem, VAEImage, detection_sample

@@ -518,7 +518,7 @@ def test_merge_uses_report_headlines(tmp_path):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     import yaml
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from unigendet.checkpoint.export import save_model_directory
     from unigendet.data.tokenizer import build_tiny_tokenizer

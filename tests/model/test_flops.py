@@ -2,7 +2,7 @@
 
 import sys
 
-from conftest import REPO, builder, tiny_config
+from helpers import REPO, builder, tiny_config
 
 from unigendet.data.packing import TextItem
 from unigendet.ops.attention import dense_mask

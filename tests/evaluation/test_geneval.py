@@ -314,7 +314,7 @@ def test_boxes_from_masks_and_class_names():
 
 
 def test_hf_coco_instance_labels_map_onto_geneval_classes():
-    from tiny_hf import COCO_INSTANCE_NAMES
+    from helpers.tiny_hf import COCO_INSTANCE_NAMES
 
     assert len(GENEVAL_CLASSES) == len(set(GENEVAL_CLASSES)) == 80
     assert tuple(geneval_class_name(n) for n in COCO_INSTANCE_NAMES) == GENEVAL_CLASSES  # same order too
@@ -368,7 +368,7 @@ def test_clip_colour_classifier_logic():
 
 @pytest.fixture(scope="module")
 def tiny_backend(tmp_path_factory):
-    from tiny_hf import save_tiny_clip, save_tiny_mask2former
+    from helpers.tiny_hf import save_tiny_clip, save_tiny_mask2former
 
     root = tmp_path_factory.mktemp("backend")
     # Every query: "remote" (GenEval's "tv remote") with a whole-image mask, score ~0.996; 2 queries -> 2 objects.
@@ -422,7 +422,7 @@ def _reference_colour(clip_dir, image, classname):
 
 
 def test_mask2former_detector_on_a_tiny_model(tiny_backend, tmp_path, caplog):
-    from tiny_hf import COCO_INSTANCE_NAMES, save_tiny_mask2former
+    from helpers.tiny_hf import COCO_INSTANCE_NAMES, save_tiny_mask2former
 
     with caplog.at_level(logging.WARNING, logger="unigendet.evaluation.geneval"):
         detector = TransformersMask2FormerDetector(tiny_backend[0])

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import SPECIAL, geometry, tiny_config
+from helpers import SPECIAL, geometry, tiny_config
 
 from unigendet.data.packing import (
     CFGDropout,

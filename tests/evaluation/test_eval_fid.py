@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from PIL import Image
 
 from unigendet.data.sources import DEFAULT_HELDOUT_SALT, TextToImageSource, heldout

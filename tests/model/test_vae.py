@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bfl_layout import diffusers_to_bfl, write_bfl_vae
+from helpers.bfl_layout import diffusers_to_bfl, write_bfl_vae
 from safetensors.torch import load_file, save_file
 
 from unigendet.models.config import VAEConfig

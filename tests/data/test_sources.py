@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import builder, geometry, tiny_config
+from helpers import builder, geometry, tiny_config
 from PIL import Image
 
 from unigendet.data.packing import LABEL_FAKE, LABEL_REAL, TextItem, VAEImage, ViTImage

@@ -144,7 +144,7 @@ def test_clip_similarity(clip_dir, tmp_path):
 
 
 def test_clip_text_path_with_a_tokenizer(tmp_path):
-    from tiny_hf import save_tiny_clip
+    from helpers.tiny_hf import save_tiny_clip
 
     directory = save_tiny_clip(tmp_path / "clip")
     clip = ClipModel(directory, need_text=True)

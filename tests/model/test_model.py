@@ -3,7 +3,7 @@ samples, backend agreement and save/load."""
 
 import pytest
 import torch
-from conftest import builder, det_sample, t2i_sample, tiny_config
+from helpers import builder, det_sample, t2i_sample, tiny_config
 
 from unigendet.models.unigendet import UniGenDet
 from unigendet.models.vae import FluxVAE

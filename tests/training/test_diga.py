@@ -1,7 +1,7 @@
 """DIGA: the teacher stays frozen, the alignment loss reaches the optimizer and goes down."""
 
 import torch
-from conftest import SPECIAL, geometry, rand_ids, tiny_config
+from helpers import SPECIAL, geometry, rand_ids, tiny_config
 
 from unigendet.data.packing import (
     PackBuilder,

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import builder, tiny_config
+from helpers import builder, tiny_config
 from torch import nn
 
 from unigendet.checkpoint.export import merge_lora_state
@@ -171,7 +171,7 @@ class _StubVAE:
 
 
 def _batch_and_latents(cfg, vae, gen, seed=0):
-    from conftest import det_sample, t2i_sample
+    from helpers import det_sample, t2i_sample
 
     batch = builder(cfg).build([det_sample(gen), t2i_sample(gen, (32, 48))])
     return batch, prepare_latents(batch, vae, cfg.latent_patch_size, torch.Generator().manual_seed(seed))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SPECIAL, builder, det_sample, t2i_sample, tiny_config
+from helpers import SPECIAL, builder, det_sample, t2i_sample, tiny_config
 
 from unigendet.data.packing import (
     LABEL_FAKE,
