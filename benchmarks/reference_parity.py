@@ -45,11 +45,14 @@ bridges a transformers 4.x -> 5.x API change; none changes the math of the train
   (per-segment SDPA, default scale, bottom-right causal). Only the SigLIP encoder calls it in training.
 * ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["default"]``: transformers 5 removed the
   entry; the transformers 4.x function is re-added verbatim.
+* ``transformers.modeling_attn_mask_utils``: removed in later transformers 5.x; the reference's SigLIP
+  module imports ``_prepare_4d_attention_mask`` from it at import time but its packed NaViT path never
+  calls it, so a stub that raises if called stands in when the module is missing.
 * ``Qwen2Config.pad_token_id = None``: transformers 4.x's ``PretrainedConfig`` default, gone in 5.x
   (the reference reads it for ``nn.Embedding(padding_idx=...)``).
 * ``torch.bfloat16`` seen by ``modeling/bagel/qwen2_navit.py`` and ``modeling/bagel/siglip_navit.py``
   is ``torch.float32``: their training path hard-casts q/k/v and the mask to bf16 before SDPA /
-  flash-attn (design doc §9: the reference was run in fp32).
+  flash-attn; run in fp32 instead, the training forward is otherwise unchanged.
 * ``qwen2_navit.sdpa_kernel``: a no-op. It pins SDPA to ``EFFICIENT_ATTENTION``, which does not
   exist on CPU; the CPU kernel computes the same function.
 * ``torch.randn_like`` during the forward (and during the reference VAE's posterior sampling) returns
@@ -77,30 +80,27 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # bfl_layout.write_bfl_vae: writes a tiny VAE in the BFL layout
-
 from safetensors.torch import save_file
 
 from unigendet.checkpoint.bagel import adapt_bagel_state_dict, load_bagel_checkpoint
 from unigendet.config.loader import load_config, to_dict
 from unigendet.data.packing import (
-    LABEL_FAKE,
-    LABEL_REAL,
     CFGDropout,
     PackBuilder,
     detection_sample,
     text_to_image_sample,
 )
-from unigendet.data.synthetic import pack_geometry
 from unigendet.data.tokenizer import (
     build_tiny_tokenizer,
     encode_text,
     special_token_ids,
 )
 from unigendet.data.transforms import patchify_latent
+from unigendet.labels import LABEL_FAKE, LABEL_REAL
 from unigendet.losses import noised_latents
 from unigendet.losses.core import detection_loss, flow_matching_loss, token_ce_loss
-from unigendet.models.config import ModelConfig, VAEConfig
+from unigendet.models.config import ModelConfig, VAEConfig, pack_geometry
+from unigendet.models.vae import FluxVAE
 from unigendet.ops.attention import dense_mask
 
 # The reference VAE hard-codes GroupNorm(32, ...), so the tiny VAE needs channel counts that are
@@ -170,6 +170,10 @@ def _stub(name: str, **attrs) -> types.ModuleType:
     return mod
 
 
+def _never_called(*args, **kwargs):
+    raise RuntimeError("the reference's packed training path was expected not to build 4-D attention masks")
+
+
 def _purge_reference_modules() -> None:
     for name in list(sys.modules):
         if name in ("modeling", "data") or name.startswith(("modeling.", "data.")):
@@ -199,6 +203,11 @@ def import_reference(root: Path, unigendet: bool) -> Reference:
     import transformers.modeling_utils  # noqa: F401  (import transformers before a spec-less stub exists)
     from transformers import modeling_rope_utils
 
+    try:
+        import transformers.modeling_attn_mask_utils  # noqa: F401
+    except ModuleNotFoundError:
+        sys.modules["transformers.modeling_attn_mask_utils"] = _stub(
+            "transformers.modeling_attn_mask_utils", _prepare_4d_attention_mask=_never_called)
     if "flash_attn" not in sys.modules:
         sys.modules["flash_attn"] = _stub("flash_attn", flash_attn_varlen_func=_varlen_attention)
     if "default" not in modeling_rope_utils.ROPE_INIT_FUNCTIONS:
@@ -368,6 +377,20 @@ def randomize(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
             p.copy_(torch.randn(p.shape, generator=g))
         else:
             p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+
+
+def random_vae(cfg: ModelConfig, seed: int) -> FluxVAE:
+    """A tiny VAE with diffusers' seeded default init, its GroupNorm gains and biases perturbed so that a
+    swapped norm mapping between the BFL and diffusers layouts would show up."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = FluxVAE(cfg.vae)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in vae.autoencoder.named_parameters():
+            if "norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    return vae
 
 
 # ==================================================================================================
@@ -789,9 +812,8 @@ def run(args, cfg: ModelConfig, ckpt: Path, report: Report) -> bool:
     (ckpt / "vit_config.json").write_text(json.dumps(vit_config_json(cfg), indent=2))
     tokenizer = build_tiny_tokenizer(CORPUS, vocab_size=cfg.llm.vocab_size)
     tokenizer.save_pretrained(str(ckpt))
-    from bfl_layout import write_bfl_vae
-
-    source_vae = write_bfl_vae(ckpt / "ae.safetensors", cfg.vae, seed=args.seed + 3)
+    source_vae = random_vae(cfg, seed=args.seed + 3)
+    source_vae.save_bfl(ckpt / "ae.safetensors")
     ours_special = special_token_ids(tokenizer)
 
     # ---- inputs shared by both sides

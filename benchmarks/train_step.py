@@ -17,12 +17,12 @@ import time
 import torch
 
 from unigendet.config.loader import load_config
-from unigendet.data.synthetic import synthetic_pack
 from unigendet.models.config import ModelConfig
 from unigendet.models.unigendet import UniGenDet
 from unigendet.models.vae import FluxVAE
 from unigendet.objectives import GDUFLossConfig, GDUFObjective
-from unigendet.utils.flops import measured_matmul_peak, training_step_flops
+from unigendet.profiling.flops import measured_matmul_peak, training_step_flops
+from unigendet.profiling.random_packs import synthetic_pack
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import det_sample, t2i_sample, tiny_config
 
-from helpers import LABEL_FAKE, LABEL_REAL, det_sample, t2i_sample, tiny_config
+from unigendet.labels import LABEL_FAKE, LABEL_REAL
 from unigendet.models.config import ModelConfig
 
 

@@ -1,7 +1,7 @@
 """Loading BAGEL / UniGenDet checkpoint directories.
 
-The tiny checkpoint is written from a key list typed in from the reference's checkpoint tables
-(reference-architecture §6.2, §6.3), not from our model's state dict, so a naming drift between our
+The tiny checkpoint is written from a key list typed in from the released BAGEL-7B-MoT and UniGenDet
+checkpoints' key names, not from our model's state dict, so a naming drift between our
 modules and the released files shows up here. Shapes follow configs/model/tiny.yaml.
 """
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.bfl_layout import write_bfl_vae
 from helpers import builder, tiny_config
+from helpers.bfl_layout import write_bfl_vae
 from safetensors.torch import load_file, save_file
 
 from unigendet.checkpoint.bagel import (
-    CheckpointError,
+    BagelCheckpointError,
     adapt_bagel_state_dict,
     bagel_model_config,
     llm_config_from_json,
@@ -46,7 +46,7 @@ LOG = "unigendet.checkpoint.bagel"
 
 
 def bagel_shapes(fake_cls_head: bool = True, latent_to_vit: bool = True, diga_mlp: bool = False) -> dict:
-    """File key -> shape, spelled as in the reference's tables (§6.2 BAGEL, §6.3 UniGenDet extras)."""
+    """File key -> shape, spelled as in the released files (BAGEL's keys, then UniGenDet's extras)."""
     llm, vit = CFG.llm, CFG.vit
     D, F, V = llm.hidden_size, llm.intermediate_size, llm.vocab_size
     hd = D // llm.num_attention_heads
@@ -327,7 +327,7 @@ def test_mismatches_name_the_key(template, tmp_path, edit, key):
     state = bagel_state()
     edit(state)
     root = make_dir(template, tmp_path / "bad", state)
-    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+    with pytest.raises(BagelCheckpointError, match=key.replace(".", r"\.")):
         load_bagel_checkpoint(root, **TINY)
 
 
@@ -355,7 +355,7 @@ def test_adapter_compares_tables_in_the_file_dtype_and_reports_drops(caplog):
     assert not out  # ViT keys dropped because visual_und is off; tables and dead connector always
     assert "never called" in report.dropped["latent_to_vit_connector.0.weight"]
     assert "visual_und" in report.dropped["vit_model.vision_model.post_layernorm.bias"]
-    with pytest.raises(CheckpointError, match="vit_pos_embed.pos_embed"):
+    with pytest.raises(BagelCheckpointError, match="vit_pos_embed.pos_embed"):
         adapt_bagel_state_dict({"vit_pos_embed.pos_embed": torch.zeros(10, CFG.llm.hidden_size)}, CFG)
 
 
@@ -395,10 +395,10 @@ def test_sharded_checkpoints(template, tmp_path):
     # An index that lists a key no shard holds, and a key stored twice, are both errors naming the key.
     bad = dict(index, weight_map={**index["weight_map"], "extra.weight": "model-00001-of-00002.safetensors"})
     (root / "bad.safetensors.index.json").write_text(json.dumps(bad))
-    with pytest.raises(CheckpointError, match=r"extra\.weight"):
+    with pytest.raises(BagelCheckpointError, match=r"extra\.weight"):
         read_safetensors_weights(root / "bad.safetensors.index.json")
     first = root / "model-00001-of-00002.safetensors"
-    with pytest.raises(CheckpointError, match=keys[0].replace(".", r"\.")):
+    with pytest.raises(BagelCheckpointError, match=keys[0].replace(".", r"\.")):
         read_safetensors_weights(f"{first},{first}")
 
 
@@ -428,7 +428,7 @@ def test_detect_and_generate_cli_read_a_bagel_directory(template, tmp_path, caps
     args = ["--model", str(template), "--bagel", "--device", "cpu"]
     assert main(["detect", str(image), *args, "--json", "--max-new-tokens", "2"]) == 0
     [record] = json.loads(capsys.readouterr().out)
-    assert record["p_fake"] == pytest.approx(expected.p_fake, rel=1e-5) and record["label"] == expected.label
+    assert record["p_fake"] == pytest.approx(expected.p_fake, rel=1e-5) and record["label"] == expected.label_name
     assert record["explanation"] == expected.text
     assert main(["generate", "a photo of a cat", *args, "--out", str(tmp_path / "gen"), "--steps", "3",
                  "--size", "32"]) == 0

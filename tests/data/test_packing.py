@@ -5,12 +5,12 @@ import torch
 from helpers import SPECIAL, builder, det_sample, t2i_sample, tiny_config
 
 from unigendet.data.packing import (
-    LABEL_FAKE,
     CFGDropout,
     TextItem,
     VAEImage,
     detection_sample,
 )
+from unigendet.labels import LABEL_FAKE
 
 
 def test_smsa_detection_layout(gen):

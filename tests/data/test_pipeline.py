@@ -16,6 +16,7 @@ from unigendet.data.packing import (
     CFGDropout,
     PlanSample,
     TextItem,
+    VAEImage,
     detection_sample,
     plan_num_tokens,
     text_to_image_sample,
@@ -23,11 +24,11 @@ from unigendet.data.packing import (
 from unigendet.data.pipeline import (
     PackedDataLoader,
     PackedIterable,
-    PackingLimits,
+    PackingConfig,
     TokenBudgetPacker,
 )
+from unigendet.data.quality import BadSample, DataQualityError
 from unigendet.data.sharding import ShardedStream, epoch_permutation
-from unigendet.data.sources import BadSample, DataQualityError
 
 GEOMETRY = geometry(tiny_config())
 
@@ -92,7 +93,7 @@ def make_packer(sources, weights, mandatory=(), limits=None, seed=0, role=0, num
                 rng_seed=None) -> TokenBudgetPacker:
     streams = {s.name: ShardedStream(s, seed=seed, worker_id=role, num_workers=num_roles, min_seen=10**9)
                for s in sources}
-    limits = limits or PackingLimits(expected_num_tokens=200, max_num_tokens=240, prefer_buffer_before=120,
+    limits = limits or PackingConfig(expected_num_tokens=200, max_num_tokens=240, prefer_buffer_before=120,
                                      max_buffer_size=4)
     rng = random.Random(seed if rng_seed is None else rng_seed)
     return TokenBudgetPacker(streams, weights, list(mandatory), limits, rng)
@@ -134,7 +135,7 @@ def test_carry_and_mandatory_samples_never_overflow_the_pack():
     a = TextSource("a", sizes(50, 60, 90, seed=3))
     m1 = TextSource("m1", sizes(50, 40, 70, seed=4))
     m2 = TextSource("m2", sizes(50, 10, 20, seed=5))
-    limits = PackingLimits(expected_num_tokens=150, max_num_tokens=160, prefer_buffer_before=100, max_buffer_size=2)
+    limits = PackingConfig(expected_num_tokens=150, max_num_tokens=160, prefer_buffer_before=100, max_buffer_size=2)
     packer = make_packer([a, m1, m2], {"a": 1.0, "m1": 0.0, "m2": 0.0}, mandatory=["m1", "m2"], limits=limits)
     packed = []
     for _ in range(120):
@@ -174,7 +175,7 @@ def test_mandatory_sources_are_in_every_pack():
 
 
 def test_buffer_is_used_below_prefer_buffer_before():
-    limits = PackingLimits(expected_num_tokens=200, max_num_tokens=240, prefer_buffer_before=120, max_buffer_size=4)
+    limits = PackingConfig(expected_num_tokens=200, max_num_tokens=240, prefer_buffer_before=120, max_buffer_size=4)
     small = TextSource("small", [10] * 30)
     big = TextSource("big", [130] * 10)
     # No mandatory source: the pack starts empty (< 120), so the buffer head goes in first.
@@ -194,7 +195,7 @@ def test_buffer_is_used_below_prefer_buffer_before():
     assert [e.source for e in pack] == ["big"] + ["small"] * 7
 
     # A sample that does not fit goes to the buffer while there is room, then to the next pack (carry).
-    packer = make_packer([TextSource("s", [70] * 20)], {"s": 1.0}, limits=PackingLimits(230, 240, 120, 4))
+    packer = make_packer([TextSource("s", [70] * 20)], {"s": 1.0}, limits=PackingConfig(230, 240, 120, 4))
     pack = packer.next_pack()
     assert len(pack) == 3 and len(packer.buffer) == 4 and packer.carry is not None
     carry, head = packer.carry, packer.buffer[0]
@@ -203,7 +204,7 @@ def test_buffer_is_used_below_prefer_buffer_before():
 
 
 def test_weights_are_respected():
-    limits = PackingLimits(expected_num_tokens=100, max_num_tokens=100, prefer_buffer_before=50, max_buffer_size=4)
+    limits = PackingConfig(expected_num_tokens=100, max_num_tokens=100, prefer_buffer_before=50, max_buffer_size=4)
     packer = make_packer([TextSource("a", [10] * 50), TextSource("b", [10] * 50)], {"a": 1.0, "b": 3.0},
                          limits=limits)
     counts = Counter(e.source for _ in range(200) for e in packer.next_pack())
@@ -212,7 +213,7 @@ def test_weights_are_respected():
 
 
 def _mid_stream_packer(make_sources):
-    limits = PackingLimits(expected_num_tokens=200, max_num_tokens=230, prefer_buffer_before=60, max_buffer_size=3)
+    limits = PackingConfig(expected_num_tokens=200, max_num_tokens=230, prefer_buffer_before=60, max_buffer_size=3)
     packer = make_packer(make_sources(), {"a": 1.0, "b": 1.0}, mandatory=["b"], limits=limits, seed=3)
     for _ in range(200):
         packer.next_pack()
@@ -256,7 +257,7 @@ def test_buffered_record_gone_bad_on_resume_is_skipped_and_counted():
 
 # ---------------------------------------------------------------- PackedDataLoader
 
-LIMITS = PackingLimits(expected_num_tokens=60, max_num_tokens=72, prefer_buffer_before=40, max_buffer_size=2)
+LIMITS = PackingConfig(expected_num_tokens=60, max_num_tokens=72, prefer_buffer_before=40, max_buffer_size=2)
 
 
 def make_iterable(sources=None, rank=0, world=1, dropout=CFGDropout(0.1, 0.3, 0.3), max_bad=0.05, min_seen=50,
@@ -375,7 +376,8 @@ def _fakeclue(tmp_path, n: int, present: int):
     """A FakeClue dataset of ``n`` entries of which only the first ``present`` have an image file."""
     from PIL import Image
 
-    from unigendet.data.sources import FakeClueSource, SampleEncoder
+    from unigendet.data.encoding import SampleEncoder
+    from unigendet.data.fakeclue import FakeClueSource
     from unigendet.data.tokenizer import build_tiny_tokenizer
     from unigendet.data.transforms import vae_transform, vit_transform
 
@@ -416,3 +418,56 @@ def test_check_quality_names_the_reason(tmp_path):
     with pytest.raises(DataQualityError, match="missing_file"):
         loader.check_quality()
     assert "missing_file" in loader.summary()
+
+
+# ---------------------------------------------------------------- sample hooks
+
+
+class _CaptionedCopy:
+    """A stage-agnostic sample hook: a clean copy of the target image behind its caption."""
+
+    def __call__(self, encoder, sample, record):
+        sample.views["copy"] = [TextItem(encoder.encode(record.caption)), VAEImage(record.vae_image, noised=False)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_packs_the_views_its_hooks_attach(tmp_path, num_workers):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from unigendet.data.pipeline import DataConfig, SourceConfig, TransformConfig
+    from unigendet.data.tokenizer import build_tiny_tokenizer, special_token_ids
+
+    captions = ["a red square", "a blue circle", "green stripes"]
+    cells = []
+    for i in range(len(captions)):
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 32 + 16 * i), (80 * i, 90, 160)).save(buf, format="PNG")
+        cells.append({"bytes": buf.getvalue(), "path": None})
+    pq.write_table(pa.table({"image": cells, "caption": captions}), tmp_path / "t2i.parquet")
+    source = SourceConfig(kind="t2i", data_files=[str(tmp_path / "t2i.parquet")], cache_dir=str(tmp_path / "hf"))
+    cfg = DataConfig(sources={"t2i": source}, cfg_dropout=CFGDropout(0.0, 0.0, 0.0), num_workers=num_workers,
+                     packing=PackingConfig(expected_num_tokens=30, max_num_tokens=300, prefer_buffer_before=10,
+                                           max_buffer_size=2, max_num_tokens_per_sample=300),
+                     vit_transform=TransformConfig(56, 28, 14, 4096), vae_transform=TransformConfig(64, 32, 16, 4096))
+    tokenizer = build_tiny_tokenizer(captions, vocab_size=300)
+    special = special_token_ids(tokenizer)
+
+    loader = PackedDataLoader.build(cfg, tokenizer, special, GEOMETRY, 0, 1, t2i_hooks=(_CaptionedCopy(),))
+    it = iter(loader)
+    batch = next(it)
+    it.close()
+    loader.close()
+    copy_pack = batch.views["copy"]
+    assert copy_pack.sample_kinds == ["copy"] * len(batch.sample_lens)
+    assert copy_pack.attn_modes == ["causal", "full"] * len(batch.sample_lens)
+    assert all(torch.equal(a, b) for a, b in zip(copy_pack.vae_images, batch.vae_images))
+
+    plain = PackedDataLoader.build(cfg, tokenizer, special, GEOMETRY, 0, 1)
+    it = iter(plain)
+    assert next(it).views == {}
+    it.close()
+    plain.close()

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from unigendet.data.packing import PlanSample
+from unigendet.data.quality import BadSample, DataQualityError
 from unigendet.data.sharding import ShardedStream, epoch_permutation, worker_shard_info
-from unigendet.data.sources import BadSample, DataQualityError
 
 
 class FakeSource:

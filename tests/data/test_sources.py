@@ -14,22 +14,16 @@ import torch
 from helpers import builder, geometry, tiny_config
 from PIL import Image
 
-from unigendet.data.packing import LABEL_FAKE, LABEL_REAL, TextItem, VAEImage, ViTImage
-from unigendet.data.sources import (
-    BadSample,
-    BadSampleCounter,
-    DataFormatError,
-    DataQualityError,
-    FakeClueSource,
-    SampleEncoder,
-    TextToImageSource,
-    balanced_subset,
-    heldout,
-    load_image_file,
-    parse_label,
-)
+from unigendet.data.encoding import SampleEncoder
+from unigendet.data.fakeclue import FakeClueSource
+from unigendet.data.images import load_image_file
+from unigendet.data.packing import TextItem, VAEImage, ViTImage
+from unigendet.data.quality import BadSample, BadSampleCounter, DataFormatError, DataQualityError
+from unigendet.data.splits import balanced_subset, heldout
+from unigendet.data.t2i import TextToImageSource
 from unigendet.data.tokenizer import build_tiny_tokenizer, encode_text
 from unigendet.data.transforms import vae_transform, vit_transform
+from unigendet.labels import LABEL_FAKE, LABEL_REAL, UnknownLabelError, label_name, parse_label
 
 CORPUS = [
     "This is a fake image. The fur texture is too smooth and the shadows disagree.",
@@ -145,11 +139,17 @@ def test_label_conventions(tmp_path, encoder):
     assert [r0f1.label_of(i) for i in range(4)] == [LABEL_REAL, LABEL_FAKE, LABEL_FAKE, LABEL_REAL]
     assert parse_label("1", "fakeclue", "x") == LABEL_REAL
     for bad in (2, -1, True, None, "maybe", 0.0):
-        with pytest.raises(BadSample) as err:
+        with pytest.raises(UnknownLabelError, match=r"^x: label"):
             parse_label(bad, "real0_fake1", "x")
-        assert err.value.reason == "unknown_label"
     with pytest.raises(ValueError, match="label convention"):
         FakeClueSource(json_path, root, encoder, label_convention="fake1")
+
+
+def test_label_name():
+    assert (label_name(LABEL_REAL), label_name(LABEL_FAKE)) == ("real", "fake")
+    for bad in (2, -1, True, None):
+        with pytest.raises(ValueError, match="internal label"):
+            label_name(bad)
 
 
 def test_fakeclue_bad_entries_are_bad_samples(tmp_path, encoder):

@@ -1,4 +1,4 @@
-"""Image preprocessing (§1.7 resize rule, normalisation, alpha) and the patch / position-id layouts."""
+"""Image preprocessing (BAGEL resize rule, normalisation, alpha) and the patch / position-id layouts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from unigendet.data.images import to_rgb
 from unigendet.data.transforms import (
     DEFAULT_MAX_PIXELS,
     VAE_TRANSFORM,
@@ -15,7 +16,6 @@ from unigendet.data.transforms import (
     flat_position_ids,
     patchify,
     patchify_latent,
-    pil_to_rgb,
     resize_target_size,
     unpatchify_latent,
     vae_transform,
@@ -137,7 +137,7 @@ def test_rgba_composited_on_white():
     array[0, 1] = (255, 0, 0, 255)  # opaque red stays red
     array[1, 0] = (0, 0, 0, 128)  # half-transparent black -> mid grey
     array[1, 1] = (0, 0, 255, 0)  # transparent blue -> white
-    out = np.asarray(pil_to_rgb(Image.fromarray(array, "RGBA")))
+    out = np.asarray(to_rgb(Image.fromarray(array, "RGBA")))
     assert out.shape == (2, 2, 3)
     assert tuple(out[0, 0]) == (255, 255, 255)
     assert tuple(out[0, 1]) == (255, 0, 0)
@@ -150,17 +150,17 @@ def test_rgba_composited_on_white():
 
 def test_other_modes_to_rgb():
     la = Image.fromarray(np.array([[[0, 0], [200, 255]]], dtype=np.uint8), "LA")
-    assert [tuple(p) for p in np.asarray(pil_to_rgb(la))[0]] == [(255, 255, 255), (200, 200, 200)]
+    assert [tuple(p) for p in np.asarray(to_rgb(la))[0]] == [(255, 255, 255), (200, 200, 200)]
     pal = Image.new("P", (2, 1))
     pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * (256 * 3 - 6))
     pal.putpixel((0, 0), 0)
     pal.putpixel((1, 0), 1)
     pal.info["transparency"] = 0
-    assert [tuple(p) for p in np.asarray(pil_to_rgb(pal))[0]] == [(255, 255, 255), (10, 20, 30)]
-    grey = pil_to_rgb(Image.new("L", (3, 2), 77))
+    assert [tuple(p) for p in np.asarray(to_rgb(pal))[0]] == [(255, 255, 255), (10, 20, 30)]
+    grey = to_rgb(Image.new("L", (3, 2), 77))
     assert grey.mode == "RGB" and tuple(np.asarray(grey)[0, 0]) == (77, 77, 77)
     rgb = Image.new("RGB", (2, 2), (1, 2, 3))
-    assert pil_to_rgb(rgb).mode == "RGB" and pil_to_rgb(rgb) is not rgb
+    assert to_rgb(rgb).mode == "RGB" and to_rgb(rgb) is not rgb
 
 
 # --------------------------------------------------------------------------- patch layouts

@@ -7,10 +7,11 @@ from PIL import Image
 
 pytest.importorskip("skimage")
 
-from unigendet.demo import DemoSettings, format_report, run_demo  # noqa: E402
+from unigendet.demo.run import DemoSettings, format_report, run_demo  # noqa: E402
 from unigendet.utils.images import image_grid  # noqa: E402
 
 
+@pytest.mark.slow
 def test_demo_chain_runs_every_stage_and_reports(tmp_path):
     s = DemoSettings(steps=6, diga_steps=2, num_train=16, num_heldout=8, samples_per_caption=1, sampling_steps=3,
                      explain_tokens=3)

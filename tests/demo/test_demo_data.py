@@ -15,17 +15,16 @@ from PIL import Image
 pytest.importorskip("skimage")  # only its bundled files are read; the module never imports it
 pq = pytest.importorskip("pyarrow.parquet")
 
-from unigendet.data import demo_data  # noqa: E402
-from unigendet.data.demo_data import (  # noqa: E402
+from unigendet.demo import data as demo_data  # noqa: E402
+from unigendet.demo.data import (  # noqa: E402
     DEMO_QUESTION,
     DEMO_SOURCES,
     FAKE_ANSWER_PREFIX,
-    FAKECLUE_FAKE,
-    FAKECLUE_REAL,
     REAL_ANSWER_PREFIX,
     demo_captions,
     make_demo_dataset,
 )
+from unigendet.labels import FAKECLUE_FAKE, FAKECLUE_REAL  # noqa: E402
 
 NUM_TRAIN, NUM_HELDOUT, SIZE = 320, 128, 64
 

@@ -19,8 +19,9 @@ from unigendet.evaluation.diversity import (
     pair_indices,
     run_diversity,
 )
-from unigendet.evaluation.generation import EvalPrompt, GenerationSettings
 from unigendet.evaluation.harness import ShardSpec
+from unigendet.evaluation.image_generation import GenerationSettings
+from unigendet.evaluation.prompts import EvalPrompt
 from unigendet.metrics.lpips import (
     ALEXNET_WEIGHTS_NAME,
     LPIPS,

@@ -22,7 +22,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from unigendet.data.sources import BadSample
+from unigendet.data.quality import BadSample
 from unigendet.evaluation.benchmarks import (
     BenchmarkError,
     load_arforensics,
@@ -30,7 +30,6 @@ from unigendet.evaluation.benchmarks import (
     load_fakeclue,
 )
 from unigendet.evaluation.detectors import (
-    DetectorOutput,
     ProbabilityDetector,
     UniGenDetImageDetector,
 )
@@ -39,13 +38,15 @@ from unigendet.evaluation.harness import (
     OUTPUTS_FILE,
     IncompleteJobError,
     JobMismatchError,
+    NoScorableImagesError,
     ShardSpec,
     parse_shard,
     resolve_shard,
     shard_dirname,
 )
 from unigendet.evaluation.jobs import DetectionEvalConfig, run_detection_eval
-from unigendet.metrics import jsonable, merge_reports, parse_verdict
+from unigendet.labels import DetectionResult, parse_verdict
+from unigendet.metrics import jsonable, merge_reports
 from unigendet.metrics.detection import (
     arforensics_metrics,
     dmimage_metrics,
@@ -92,7 +93,7 @@ class ScriptedDetector:
         outs = []
         for im in images:
             p, text = self.script[im.width]
-            outs.append(DetectorOutput(p, text, None if text is None else parse_verdict(text)))
+            outs.append(DetectionResult(p, text, None if text is None else parse_verdict(text)))
         return outs
 
 
@@ -398,11 +399,11 @@ def test_unigendet_adapter_passes_settings_and_parses_text():
     raw = _Det()
     adapter = UniGenDetImageDetector(raw, max_new_tokens=5, seed=7)
     out = adapter.score([Image.new("RGB", (4, 4))] * 2, ["q1", None])
-    assert out == [DetectorOutput(0.75, "this is a FAKE image.", FAKE)] * 2
+    assert out == [DetectionResult(0.75, "this is a FAKE image.", FAKE)] * 2
     assert raw.seen[0][0] == "q1" and raw.seen[0][1].startswith("\n") and raw.seen[1:] == (5, 7)
     assert adapter.describe()["dtype"] == "float32" and adapter.model is raw.model
     head_only = UniGenDetImageDetector(raw, max_new_tokens=0).score([Image.new("RGB", (4, 4))])
-    assert head_only == [DetectorOutput(0.75, None, None)]
+    assert head_only == [DetectionResult(0.75, None, None)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,8 +558,11 @@ def test_cli_dmimage_resume_and_merge_end_to_end(model_dir, tmp_path, capsys):
 
     assert main(args) == 0  # complete: nothing rescored, same report
     assert json.loads(capsys.readouterr().out) == printed and len(outputs.read_text().splitlines()) == 2
+    # Changed settings: one error line naming the difference, exit 1 (the traceback only with --debug).
+    assert main(args[:-4] + ["--max-new-tokens", "3", "--device", "cpu"]) == 1
+    assert "max_new_tokens" in capsys.readouterr().err
     with pytest.raises(JobMismatchError, match="max_new_tokens"):
-        main(args[:-4] + ["--max-new-tokens", "3", "--device", "cpu"])
+        main(args[:-4] + ["--max-new-tokens", "3", "--device", "cpu", "--debug"])
 
     assert main(["eval", "merge", str(out / "dmimage.json"), "--out", str(out / "table.md")]) == 0
     table = capsys.readouterr().out
@@ -571,5 +575,6 @@ def test_nothing_scorable_is_a_clear_error(tmp_path):
     (root / "real_a" / "x.png").write_bytes(b"broken")
     (root / "gen_b").mkdir()
     (root / "gen_b" / "y.jpg").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"nothing to score.*2 of 2 images failed.*unreadable_image"):
+    with pytest.raises(NoScorableImagesError, match=r"nothing to score.*2 of 2 images failed.*unreadable_image"):
         run_detection_eval(ScriptedDetector({}), _cfg(tmp_path, root))
+    assert not (tmp_path / "out" / "dmimage.json").exists()

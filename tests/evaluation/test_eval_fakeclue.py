@@ -108,3 +108,33 @@ def test_job_resumes_after_a_kill_and_shards_match(tmp_path):
     results = [run_fakeclue_eval(d, _cfg(tmp_path, "sharded", shard=f"{i}/2")) for i, d in enumerate(shards)]
     assert results[0] is None and json.dumps(results[1]) == json.dumps(whole)
     assert shards[0].widths == [8, 10, 12] and shards[1].widths == [9, 11, 13]
+
+
+def test_no_scorable_entry_is_an_error_without_a_report(tmp_path):
+    """Every entry missing or malformed: a clear error, exit 1 at the command line, and no report of zeros."""
+    from unigendet.evaluation.harness import NoScorableImagesError
+
+    entries = [_entry("missing.png", 1, "This is a real image."), {"label": 0}]
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    cfg = FakeClueEvalConfig(json_path=str(tmp_path / "test.json"), image_root=str(tmp_path),
+                             out_dir=str(tmp_path / "out"), batch_size=2)
+    with pytest.raises(NoScorableImagesError, match=r"nothing to score: 1 of 1 images failed.*1 invalid entries"):
+        run_fakeclue_eval(_ScriptedDetector({}), cfg)
+    assert not (tmp_path / "out" / "fakeclue.json").exists()
+
+
+def test_benchmark_entries_stay_inside_the_image_root(tmp_path):
+    """An entry whose image is a symlink out of the image root, or climbs out with '..', is an invalid entry."""
+    from unigendet.evaluation.benchmarks import load_fakeclue
+
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "in.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    entries = [_entry("in.png", 1, "This is a real image."), _entry("link.png", 0, "This is a fake image."),
+               _entry("../secret.png", 0, "This is a fake image.")]
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    bench = load_fakeclue(tmp_path / "test.json", root)
+    assert [r.key for r in bench.records] == ["0:in.png"]
+    assert len(bench.invalid) == 2 and all(e.startswith("path_outside_root") for e in bench.invalid)

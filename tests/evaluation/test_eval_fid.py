@@ -10,19 +10,17 @@ import torch
 from helpers import tiny_config
 from PIL import Image
 
-from unigendet.data.sources import DEFAULT_HELDOUT_SALT, TextToImageSource, heldout
-from unigendet.evaluation.generation import (
+from unigendet.data.splits import DEFAULT_HELDOUT_SALT, heldout
+from unigendet.data.t2i import TextToImageSource
+from unigendet.evaluation.fid import generate_fid_images, run_fid_generation
+from unigendet.evaluation.harness import ShardSpec, resolve_shard
+from unigendet.evaluation.image_generation import (
     GenerationSettings,
-    PromptSelection,
-    PromptTable,
     crop_black_border,
     folder_name,
-    generate_fid_images,
-    run_fid_generation,
-    select_prompts,
     write_run_file,
 )
-from unigendet.evaluation.harness import ShardSpec, resolve_shard
+from unigendet.evaluation.prompts import PromptSelection, PromptTable, select_prompts
 from unigendet.metrics.fid import (
     FID_WEIGHTS_NAME,
     FIDInceptionV3,
@@ -392,5 +390,8 @@ def test_cli_generate_then_fid(model_dir, inception_file, tmp_path, capsys, monk
     monkeypatch.setattr(fid_module, "inception_activations", lambda *a, **k: pytest.fail("cache not used"))
     assert main(score) == 0
     assert json.loads(capsys.readouterr().out)["fid"]["fid"] == printed["fid"]
+    # A missing weights file is a user error: one line naming the file, exit 2; --debug raises it instead.
+    assert main(["eval", "fid", "--stage", "score", *common]) == 2
+    assert FID_WEIGHTS_NAME in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match=FID_WEIGHTS_NAME):
-        main(["eval", "fid", "--stage", "score", *common])
+        main(["eval", "fid", "--stage", "score", *common, "--debug"])

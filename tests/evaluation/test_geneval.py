@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from unigendet.evaluation.generation import GenerationSettings
 from unigendet.evaluation.geneval import (
     APPROXIMATE_NOTE,
     APPROXIMATE_SCORER,
@@ -35,6 +34,7 @@ from unigendet.evaluation.geneval import (
     write_geneval_report,
 )
 from unigendet.evaluation.harness import ShardSpec
+from unigendet.evaluation.image_generation import GenerationSettings
 
 
 def det(x1, y1, x2, y2, score=0.99):
@@ -467,6 +467,7 @@ def test_clip_colour_classifier_on_a_tiny_model(tiny_backend):
     assert classifier.classify(image, [detection, Detection((0, 0, 64, 48), 0.9)], "tv remote")[0] == expected
 
 
+@pytest.mark.slow
 def test_transformers_backend_end_to_end(tiny_backend, tmp_path, capsys):
     from unigendet.cli import main
 

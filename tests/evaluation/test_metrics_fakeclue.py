@@ -13,15 +13,13 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 from sklearn.metrics.pairwise import cosine_similarity
 
+from unigendet.labels import fakeclue_to_internal, internal_to_fakeclue, parse_verdict
 from unigendet.metrics import (
     answer_scores,
     css_tfidf,
     extract_answer,
-    fakeclue_to_internal,
     head_metrics,
-    internal_to_fakeclue,
     merge_reports,
-    parse_verdict,
     text_metrics,
     write_report,
 )

@@ -9,17 +9,15 @@ import torch
 
 from unigendet.config.loader import load_config
 from unigendet.data.packing import (
-    LABEL_FAKE,
-    LABEL_REAL,
     CFGDropout,
     PackBuilder,
     PackGeometry,
     detection_sample,
     text_to_image_sample,
 )
-from unigendet.data.synthetic import pack_geometry
 from unigendet.data.tokenizer import SpecialTokenIds
-from unigendet.models.config import ModelConfig
+from unigendet.labels import LABEL_FAKE
+from unigendet.models.config import ModelConfig, pack_geometry
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "model" / "tiny.yaml"

@@ -1,6 +1,6 @@
 """Test helper: write diffusers ``AutoencoderKL`` weights in the original BFL/LDM ``ae.safetensors`` layout.
 
-This is deliberately an independent implementation of the naming in reference §6.5 (token-walking here,
+This is deliberately an independent implementation of the BFL <-> diffusers VAE key naming (token-walking here,
 regexes in ``unigendet.models.vae``), so that a round trip through a BFL file checks both directions.
 """
 

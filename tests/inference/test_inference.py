@@ -9,17 +9,17 @@ import torch
 from helpers import SPECIAL, builder, rand_ids, tiny_config
 from PIL import Image
 
-from unigendet.data.packing import LABEL_FAKE, TextItem, VAEImage, detection_sample
+from unigendet.data.packing import TextItem, VAEImage, detection_sample
 from unigendet.data.transforms import ImageTransform
 from unigendet.inference.cache import KVCache
+from unigendet.inference.cached_forward import CachedForward
 from unigendet.inference.detect import (
     DEFAULT_QUESTION,
     DecodingConfig,
-    DetectionResult,
-    Detector,
+    DetectorPreprocessing,
     TokenChooser,
+    UniGenDetDetector,
 )
-from unigendet.inference.engine import InferenceEngine
 from unigendet.inference.generate import (
     CFGContext,
     FlowSampler,
@@ -28,6 +28,7 @@ from unigendet.inference.generate import (
     combine_cfg,
     flow_schedule,
 )
+from unigendet.labels import LABEL_FAKE, DetectionResult
 from unigendet.models.unigendet import UniGenDet
 from unigendet.models.vae import FluxVAE
 
@@ -136,18 +137,18 @@ def test_cached_detection_matches_training_forward(model, prefill):
     with torch.no_grad():
         ref = model(batch, latents, zeros)
 
-    engine = InferenceEngine(model, SPECIAL)
-    cache = engine.new_cache(2)
+    fwd = CachedForward(model, SPECIAL)
+    cache = fwd.new_cache(2)
     contexts = [s[:-1] for s in samples]
     if prefill == "one_block":
-        engine.forward(cache, engine.embed(engine.pack(contexts), latents, zeros), commit=True)
+        fwd.forward(cache, fwd.embed(fwd.pack(contexts), latents, zeros), commit=True)
     else:
         n0 = (32 // 16) * (48 // 16)
         per_seq = [latents[:n0], latents[n0:]]
         for k in range(3):  # VAE block, ViT block, question: one committed block each
-            part = engine.pack([c[k : k + 1] for c in contexts])
+            part = fwd.pack([c[k : k + 1] for c in contexts])
             lat = torch.cat(per_seq) if k == 0 else None
-            engine.forward(cache, engine.embed(part, lat, None if lat is None else zeros), commit=True)
+            fwd.forward(cache, fwd.embed(part, lat, None if lat is None else zeros), commit=True)
     q_lens = [5, 9]
     # RoPE: VAE 0, ViT 1, question 2..q+3 -> the answer starts at q + 4.
     assert cache.rope.tolist() == [q + 4 for q in q_lens]
@@ -156,10 +157,10 @@ def test_cached_detection_matches_training_forward(model, prefill):
     logits = [[], []]
     for step in range(max(map(len, answers))):
         ids = torch.tensor([a[min(step, len(a) - 1)] for a in answers])
-        hidden = engine.forward(cache, engine.token_block(ids), commit=True)
+        hidden = fwd.forward(cache, fwd.token_block(ids), commit=True)
         if step == 0:
-            torch.testing.assert_close(engine.detection_logits(hidden), ref.det_logits, **TOL)
-        out = engine.lm_logits(hidden)
+            torch.testing.assert_close(fwd.detection_logits(hidden), ref.det_logits, **TOL)
+        out = fwd.lm_logits(hidden)
         for b in range(2):
             if step < len(answers[b]):
                 logits[b].append(out[b])
@@ -177,12 +178,12 @@ def test_answer_as_one_causal_block_matches_token_by_token(model):
     g = torch.Generator().manual_seed(1)
     samples = [_det_items(g, (32, 32), (28, 28), 4, 6)]
     lat = torch.randn(batch.num_latent_tokens, model.config.patch_latent_dim, generator=g)
-    engine = InferenceEngine(model, SPECIAL)
-    cache = engine.new_cache(1)
-    engine.forward(cache, engine.embed(engine.pack([samples[0][:-1]]), lat, torch.zeros(lat.shape[0])), commit=True)
-    answer = engine.pack([samples[0][-1:]])  # <|im_start|> a1..a6 <|im_end|>, positions 0..7 relative
-    hidden = engine.forward(cache, engine.embed(answer), commit=True)
-    torch.testing.assert_close(engine.lm_logits(hidden[:-1]), ref.ce_logits, **TOL)
+    fwd = CachedForward(model, SPECIAL)
+    cache = fwd.new_cache(1)
+    fwd.forward(cache, fwd.embed(fwd.pack([samples[0][:-1]]), lat, torch.zeros(lat.shape[0])), commit=True)
+    answer = fwd.pack([samples[0][-1:]])  # <|im_start|> a1..a6 <|im_end|>, positions 0..7 relative
+    hidden = fwd.forward(cache, fwd.embed(answer), commit=True)
+    torch.testing.assert_close(fwd.lm_logits(hidden[:-1]), ref.ce_logits, **TOL)
 
 
 def test_cached_t2i_velocity_matches_training_forward(model):
@@ -200,34 +201,34 @@ def test_cached_t2i_velocity_matches_training_forward(model):
     with torch.no_grad():
         ref = model(batch, x_t, t)
 
-    engine = InferenceEngine(model, SPECIAL)
-    cond = engine.new_cache(2)
-    engine.forward(cond, engine.embed(engine.pack([s[:1] for s in samples[:2]])), commit=True)
-    cache = KVCache.cat([cond, engine.new_cache(1)])
-    block = engine.embed(engine.pack([s[-1:] for s in samples]), x_t, t)
+    fwd = CachedForward(model, SPECIAL)
+    cond = fwd.new_cache(2)
+    fwd.forward(cond, fwd.embed(fwd.pack([s[:1] for s in samples[:2]])), commit=True)
+    cache = KVCache.cat([cond, fwd.new_cache(1)])
+    block = fwd.embed(fwd.pack([s[-1:] for s in samples]), x_t, t)
     before = (cache.lengths.clone(), cache.rope.clone())
-    velocity = engine.velocity(engine.forward(cache, block, commit=False), block)
+    velocity = fwd.velocity(fwd.forward(cache, block, commit=False), block)
     torch.testing.assert_close(velocity, ref.velocity, **TOL)
     assert torch.equal(cache.lengths, before[0]) and torch.equal(cache.rope, before[1])  # not added
     # A second evaluation on the same cache (next denoising step) still matches.
-    velocity2 = engine.velocity(engine.forward(cache, block, commit=False), block)
+    velocity2 = fwd.velocity(fwd.forward(cache, block, commit=False), block)
     torch.testing.assert_close(velocity2, ref.velocity, **TOL)
     with pytest.raises(ValueError, match="must not be committed"):
-        engine.forward(cache, block, commit=True)
+        fwd.forward(cache, block, commit=True)
 
 
 def test_tiled_block_equals_separate_branches(model):
     """CFG branches share one embedding: a tiled block over cat'ed caches == each branch alone."""
-    engine = InferenceEngine(model, SPECIAL)
+    fwd = CachedForward(model, SPECIAL)
     g = torch.Generator().manual_seed(4)
-    cond = engine.new_cache(1)
-    engine.forward(cond, engine.embed(engine.pack([[TextItem(rand_ids(g, 5))]])), commit=True)
-    uncond = engine.new_cache(1)
-    block = engine.embed(engine.pack([[VAEImage(torch.zeros(3, 32, 32), noised=True)]]),
+    cond = fwd.new_cache(1)
+    fwd.forward(cond, fwd.embed(fwd.pack([[TextItem(rand_ids(g, 5))]])), commit=True)
+    uncond = fwd.new_cache(1)
+    block = fwd.embed(fwd.pack([[VAEImage(torch.zeros(3, 32, 32), noised=True)]]),
                          torch.randn(4, model.config.patch_latent_dim, generator=g), torch.full((4,), 0.7))
     tiled = block.tile(2)
-    both = engine.velocity(engine.forward(KVCache.cat([cond, uncond]), tiled, commit=False), tiled)
-    alone = [engine.velocity(engine.forward(c, block, commit=False), block) for c in (cond, uncond)]
+    both = fwd.velocity(fwd.forward(KVCache.cat([cond, uncond]), tiled, commit=False), tiled)
+    alone = [fwd.velocity(fwd.forward(c, block, commit=False), block) for c in (cond, uncond)]
     torch.testing.assert_close(both, torch.cat(alone), **TOL)
     assert not torch.allclose(alone[0], alone[1])
 
@@ -257,7 +258,7 @@ def test_decoding_config_validation():
 
 @pytest.fixture(scope="module")
 def detector(model, vae, tokenizer):
-    return Detector(model, vae, tokenizer, vit_transform=SMALL_VIT, vae_transform=SMALL_VAE)
+    return UniGenDetDetector(model, vae, tokenizer, DetectorPreprocessing(SMALL_VIT, SMALL_VAE))
 
 
 def test_detect_greedy_is_deterministic_and_well_formed(detector):
@@ -267,10 +268,11 @@ def test_detect_greedy_is_deterministic_and_well_formed(detector):
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     for r in a:
         assert isinstance(r, DetectionResult) and 0.0 <= r.p_fake <= 1.0
-        assert r.label == ("fake" if r.p_fake >= 0.5 else "real")
+        assert r.label_name == ("fake" if r.p_fake >= 0.5 else "real")
         assert r.text == detector.tokenizer.decode(r.token_ids) and len(r.token_ids) <= 6
     # Posterior sample vs mean: the VAE context changes, so the head reads a different state.
-    mean = Detector(detector.model, detector.vae, detector.tokenizer, SMALL_VIT, SMALL_VAE, posterior="mean")
+    mean = UniGenDetDetector(detector.model, detector.vae, detector.tokenizer,
+                             DetectorPreprocessing(SMALL_VIT, SMALL_VAE, posterior="mean"))
     assert mean.detect(images[:1], max_new_tokens=0)[0].p_fake != a[0].p_fake
 
 
@@ -323,7 +325,7 @@ def test_detect_questions_and_head_only(detector):
 
 
 def test_default_question_is_the_demo_question():
-    from unigendet.data.demo_data import DEMO_QUESTION
+    from unigendet.demo.data import DEMO_QUESTION
 
     assert DEMO_QUESTION.split("<image>", 1)[1] == DEFAULT_QUESTION
 
@@ -390,13 +392,13 @@ def test_generation_batch_equals_each_alone_with_global_renorm(generator):
 
 
 def test_cfg_branches_and_euler_steps(generator):
-    engine = generator.engine
+    fwd = generator.cached_forward
     prompts = ["a red square", "a blue sky"]
 
     def run(**kw):
-        engine.stats.history.clear()
+        fwd.stats.history.clear()
         lat = generator.generate_latents(prompts, 32, 32, seed=0, settings=SamplerSettings(num_steps=6, **kw))
-        return lat, [seqs for seqs, _ in engine.stats.history[1:]]  # [0] is the prompt prefill
+        return lat, [seqs for seqs, _ in fwd.stats.history[1:]]  # [0] is the prompt prefill
 
     # CFG off: N-1 = 5 Euler steps, only the conditional branch (2 sequences per call).
     off, calls = run(cfg_text_scale=1.0)
@@ -421,10 +423,10 @@ def test_cfg_branches_and_euler_steps(generator):
 
 
 def test_cfg_context_branches_and_image_unconditional_sampling(model):
-    """Context image -> text: the three §5.4 caches, and a third batched branch when s_img > 1."""
-    engine = InferenceEngine(model, SPECIAL)
+    """Context image -> text: the three CFG branch caches (conditional, text- and image-unconditional), and a third batched branch when s_img > 1."""
+    fwd = CachedForward(model, SPECIAL)
     g = torch.Generator().manual_seed(0)
-    ctx = CFGContext(engine, 1)
+    ctx = CFGContext(fwd, 1)
     ctx.add_images([[VAEImage(torch.zeros(3, 32, 32))]], torch.randn(4, model.config.patch_latent_dim, generator=g))
     ctx.add_text([rand_ids(g, 3)])
     cond, text_uncond, img_uncond = ctx.caches()
@@ -433,12 +435,12 @@ def test_cfg_context_branches_and_image_unconditional_sampling(model):
     assert (text_uncond.lengths.tolist(), text_uncond.rope.tolist()) == ([6], [1])
     assert (img_uncond.lengths.tolist(), img_uncond.rope.tolist()) == ([5], [5])
     noise = [torch.randn(4, model.config.patch_latent_dim, generator=g)]
-    engine.stats.history.clear()
-    FlowSampler(engine).sample(cond, text_uncond, img_uncond, noise, [(2, 2)],
+    fwd.stats.history.clear()
+    FlowSampler(fwd).sample(cond, text_uncond, img_uncond, noise, [(2, 2)],
                                SamplerSettings(num_steps=3, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)))
-    assert [s for s, _ in engine.stats.history] == [3, 3]
+    assert [s for s, _ in fwd.stats.history] == [3, 3]
     # Text-only context: no image-unconditional cache (it would equal the conditional one).
-    text_only = CFGContext(engine, 1)
+    text_only = CFGContext(fwd, 1)
     text_only.add_text([rand_ids(g, 3)])
     assert text_only.caches()[2] is None and text_only.caches()[1].lengths.tolist() == [0]
 
@@ -525,3 +527,130 @@ def test_load_for_inference_errors(model_dir, tmp_path):
         load_for_inference(model_dir, dtype="int8")
     with pytest.raises(ValueError, match="bagel=True"):
         load_for_inference(model_dir, weights="x.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# One result type, one p(fake), one source of settings
+
+
+def test_fake_probability_ce_and_bce_heads():
+    from unigendet.losses import detection_loss
+    from unigendet.models.bridges import fake_probability
+
+    ce = torch.tensor([[2.0, -1.0], [0.5, 1.5]])  # (fake, real) logits of the official 2-class head
+    torch.testing.assert_close(fake_probability(ce, "ce"), torch.sigmoid(ce[:, 0] - ce[:, 1]))
+    bce = torch.tensor([[1.2], [-0.4]])  # the single "fake" logit of the BCE head
+    torch.testing.assert_close(fake_probability(bce, "bce"), torch.sigmoid(bce[:, 0]))
+    # The loss trains exactly this probability: the loss of "fake" is -log p(fake), of "real" -log(1 - p).
+    for kind, logits in (("ce", ce), ("bce", bce)):
+        p = fake_probability(logits, kind)
+        for row in range(2):
+            fake = detection_loss(logits[row : row + 1], torch.tensor([LABEL_FAKE]), kind, 1.0)
+            real = detection_loss(logits[row : row + 1], torch.tensor([1 - LABEL_FAKE]), kind, 1.0)
+            torch.testing.assert_close(fake, -p[row].log())
+            torch.testing.assert_close(real, -(1 - p[row]).log())
+    with pytest.raises(ValueError, match="head kind"):
+        fake_probability(ce, "mse")
+
+
+@pytest.mark.parametrize("kind", ["ce", "bce"])
+def test_head_scoring_matches_the_training_path_for_both_heads(kind, vae, tokenizer):
+    """Scoring packed detection samples gives the training forward's p(fake), chunk after chunk."""
+    from unigendet.inference.scoring import head_fake_probabilities, without_answer
+    from unigendet.models.bridges import fake_probability
+    from unigendet.objectives.common import prepare_latents
+
+    model = _model(tiny_config(detection_loss=kind), seed=4)
+    detector = UniGenDetDetector(model, vae, tokenizer, DetectorPreprocessing(SMALL_VIT, SMALL_VAE))
+    samples = [detector.encoder.detection(img, DEFAULT_QUESTION, "This is a fake image.", label=LABEL_FAKE)
+               for img in _images() * 2]
+    pack = builder(model.config)
+    # max_tokens=1: one sample per forward, so every sample after the first continues the generator.
+    p_fake, labels = head_fake_probabilities(model, vae, samples, pack, max_tokens=1, seed=3)
+    assert p_fake.shape == labels.shape == (4,) and labels.tolist() == [LABEL_FAKE] * 4
+    generator = torch.Generator().manual_seed(3)
+    expected = []
+    for sample in map(without_answer, samples):
+        batch = pack.build([sample.items], [sample.kind])
+        lat = prepare_latents(batch, vae, model.config.latent_patch_size, generator)
+        with torch.no_grad():
+            out = model(batch, lat.tokens, lat.timesteps)
+        expected.append(fake_probability(out.det_logits, kind))
+    torch.testing.assert_close(p_fake, torch.cat(expected), **TOL)
+    assert len({round(float(p), 6) for p in p_fake}) == 4  # posterior samples differ between repeats
+
+
+def test_detection_result_labels_and_record():
+    fake_head = DetectionResult(0.7, "This is a real image.", 0, [5, 6], True)
+    assert fake_head.label == LABEL_FAKE and fake_head.label_name == "fake" and fake_head.text_label_name == "real"
+    assert fake_head.record() == {"label": "fake", "p_fake": 0.7, "text_label": "real",
+                                  "explanation": "This is a real image.", "stopped": True}
+    assert DetectionResult(0.7, threshold=0.8).label_name == "real"
+    assert DetectionResult(0.5).label == LABEL_FAKE  # ties go to fake
+    no_head = DetectionResult(math.nan, "This is a fake image.", LABEL_FAKE)
+    assert no_head.label == LABEL_FAKE and no_head.record()["p_fake"] is None
+    assert DetectionResult(math.nan, "no idea").label_name == "unknown"
+
+
+def _exported_run(model_dir, tmp_path, smsa: bool):
+    """A copy of the exported model with the ``train_config.yaml`` training writes (the whole resolved
+    training config, saved by the config loader) for a run with the given ``data.smsa``."""
+    import shutil
+
+    from unigendet.config.loader import save_config
+    from unigendet.training.config import TrainConfig
+
+    directory = tmp_path / "run"
+    shutil.copytree(model_dir, directory)
+    cfg = TrainConfig()
+    transform = type(cfg.data.vit_transform)
+    cfg.data.vit_transform = transform(SMALL_VIT.max_size, SMALL_VIT.min_size, SMALL_VIT.stride, SMALL_VIT.max_pixels)
+    cfg.data.vae_transform = transform(SMALL_VAE.max_size, SMALL_VAE.min_size, SMALL_VAE.stride, SMALL_VAE.max_pixels)
+    cfg.data.smsa = smsa
+    save_config(cfg, directory / "train_config.yaml")
+    return directory
+
+
+def test_saved_run_config_reaches_the_detector(model_dir, tmp_path):
+    from unigendet.inference.loading import build_detector
+
+    run = _exported_run(model_dir, tmp_path, smsa=False)
+    detector = build_detector(run, device="cpu")
+    assert detector.preprocessing == DetectorPreprocessing(SMALL_VIT, SMALL_VAE, smsa=False)
+    assert detector.encoder.smsa is False
+    # Without SMSA the context has no VAE block: the head reads ViT tokens and the question only.
+    context = detector.context(_images()[0], DEFAULT_QUESTION)
+    assert not any(isinstance(item, VAEImage) for item in context)
+    assert math.isfinite(detector.detect(_images()[:1], max_new_tokens=0)[0].p_fake)
+    # A choice made at load time wins over the run's; the others keep theirs.
+    chosen = build_detector(run, device="cpu", smsa=True, posterior="mean")
+    assert chosen.preprocessing == DetectorPreprocessing(SMALL_VIT, SMALL_VAE, smsa=True, posterior="mean")
+    assert any(isinstance(item, VAEImage) for item in chosen.context(_images()[0], DEFAULT_QUESTION))
+
+
+def test_saved_run_config_is_validated(tmp_path):
+    from unigendet.config.loader import ConfigError
+
+    assert DetectorPreprocessing.from_run(tmp_path) is None
+    (tmp_path / "train_config.yaml").write_text("data:\n  smsa: maybe\n")
+    with pytest.raises(ConfigError, match="data.smsa"):
+        DetectorPreprocessing.from_run(tmp_path)
+    (tmp_path / "train_config.yaml").write_text("data:\n  sources: {}\n")  # nothing the detector reads
+    assert DetectorPreprocessing.from_run(tmp_path) == DetectorPreprocessing()
+
+
+def test_sampler_and_decoding_settings_are_the_one_source_of_defaults(generator):
+    from unigendet.config.loader import ConfigError, from_dict
+
+    settings = from_dict(SamplerSettings, {"num_steps": 3, "cfg_interval": [0, 1]})
+    assert settings.cfg_interval == (0.0, 1.0) and settings.timestep_shift == SamplerSettings().timestep_shift
+    with pytest.raises(ConfigError, match="num_steps"):
+        from_dict(SamplerSettings, {"num_steps": 1})
+    with pytest.raises(ConfigError, match="temperature"):
+        from_dict(DecodingConfig, {"do_sample": True, "temperature": 0})
+    # Keyword overrides replace fields of the settings object (or of the defaults).
+    by_object = generator.generate(["a red square"], height=32, width=32, seed=1, settings=settings)
+    by_override = generator.generate(["a red square"], height=32, width=32, seed=1, num_steps=3, cfg_interval=(0, 1))
+    assert by_object[0].tobytes() == by_override[0].tobytes()
+    with pytest.raises(TypeError):
+        generator.generate(["x"], height=32, width=32, steps=3)

@@ -6,7 +6,7 @@ from helpers import REPO, builder, tiny_config
 
 from unigendet.data.packing import TextItem
 from unigendet.ops.attention import dense_mask
-from unigendet.utils.flops import allowed_pairs, training_step_flops
+from unigendet.profiling.flops import allowed_pairs, training_step_flops
 
 
 def test_allowed_pairs_equals_dense_mask_count(mixed_samples):

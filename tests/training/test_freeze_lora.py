@@ -10,11 +10,10 @@ from helpers import builder, tiny_config
 from torch import nn
 
 from unigendet.checkpoint.export import merge_lora_state
-from unigendet.config.loader import ConfigError
+from unigendet.config.loader import ConfigError, from_dict
 from unigendet.models.unigendet import UniGenDet
 from unigendet.objectives import GDUFLossConfig, GDUFObjective, prepare_latents
-from unigendet.training.builders import apply_freeze, apply_lora, lora_target_regex
-from unigendet.training.config import FreezeConfig, LoRAConfig
+from unigendet.training.freeze import FreezeConfig, LoRAConfig, apply_freeze, apply_lora, lora_target_regex
 
 LAYERS = "language_model.model.layers."
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -149,9 +148,9 @@ def test_lora_adapters_only_on_chosen_experts_and_targets(experts, targets):
     assert re.fullmatch(lora_target_regex(cfg), "vit_model.vision_model.encoder.layers.0.self_attn.q_proj") is None
 
 
-def test_lora_rejects_unknown_targets():
+def test_lora_rejects_unknown_targets_when_the_config_loads():
     with pytest.raises(ConfigError, match="qkv_proj"):
-        apply_lora(UniGenDet(tiny_config()), LoRAConfig(enabled=True, targets=["q_proj", "qkv_proj"]))
+        from_dict(LoRAConfig, {"enabled": True, "targets": ["q_proj", "qkv_proj"]})
 
 
 class _StubVAE:

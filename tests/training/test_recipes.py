@@ -8,7 +8,7 @@ import pytest
 from helpers import REPO
 
 from unigendet.config.loader import ConfigError, load_config
-from unigendet.distributed.engine import resolve_deepspeed_config
+from unigendet.distributed.engine import lr_multiplier, resolve_deepspeed_config
 from unigendet.models.config import ModelConfig
 from unigendet.training.config import TrainConfig, load_train_config
 
@@ -29,7 +29,7 @@ def test_model_configs_load(path):
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: p.name)
 def test_train_configs_load_and_resolve_deepspeed(path):
     cfg = load_train_config(str(path))
-    ds = resolve_deepspeed_config(cfg, bf16=cfg.device == "cuda")
+    ds = resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=cfg.device == "cuda")
     assert "auto" not in json.dumps(ds)
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
 
@@ -39,7 +39,7 @@ def test_deepspeed_jsons_resolve(path):
     stage = json.loads(path.read_text())["zero_optimization"]["stage"]
     cfg = load_config(TrainConfig, REPO / "configs/train/gduf_demo.yaml",
                       [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}"])
-    resolved = resolve_deepspeed_config(cfg, bf16=True)
+    resolved = resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=True)
     assert resolved["bf16"]["enabled"] is True
     assert resolved["gradient_clipping"] == cfg.optim.max_grad_norm
 
@@ -47,7 +47,7 @@ def test_deepspeed_jsons_resolve(path):
 def test_bagel_recipe_uses_bagel_geometry():
     cfg = load_train_config(str(REPO / "configs/train/gduf_bagel7b.yaml"))
     assert cfg.model.llm == ModelConfig().llm and cfg.model.vit == ModelConfig().vit
-    assert cfg.optim.lr == 2e-5 and cfg.loss.det_weight == 0.2
+    assert cfg.optim.lr == 2e-5 and cfg.gduf.det_weight == 0.2
 
 
 @pytest.mark.parametrize("override, match", [
@@ -63,26 +63,67 @@ def test_bad_overrides_name_the_key(override, match):
         load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), [override])
 
 
+@pytest.mark.parametrize("recipe, override, key", [
+    ("diga_demo.yaml", "gduf.det_weight=1.0", "gduf.det_weight"),
+    ("diga_bagel7b.yaml", "gduf.timestep_shift=3.0", "gduf.timestep_shift"),
+    ("gduf_demo.yaml", "diga.align_weight=0.1", "diga.align_weight"),
+    ("gduf_demo.yaml", "diga.teacher_layer=null", "diga.teacher_layer"),
+])
+def test_a_setting_the_stage_ignores_is_an_error_naming_the_key(recipe, override, key):
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: stage '\w+' does not read"):
+        load_train_config(str(REPO / "configs/train" / recipe), [override])
+
+
+@pytest.mark.parametrize("override", ["loss.det_weight=0.2", "loss.mse_weight=1.0"])
+def test_the_old_shared_loss_section_is_unknown(override):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) loss\b"):
+        load_train_config(str(REPO / "configs/train/diga_demo.yaml"), [override])
+
+
+def test_each_stage_reads_its_own_loss_settings():
+    gduf = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), ["gduf.mse_weight=0.5"])
+    diga = load_train_config(str(REPO / "configs/train/diga_demo.yaml"), ["diga.mse_weight=0.25",
+                                                                           "diga.timestep_shift=2.0"])
+    assert gduf.stage_config.mse_weight == 0.5 and gduf.stage_config.det_weight == 5.0
+    assert diga.stage_config.mse_weight == 0.25 and diga.stage_config.timestep_shift == 2.0
+
+
 def test_deepspeed_file_disagreeing_with_config_is_an_error(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}))
     cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), [f"deepspeed.config_file={path}"])
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
-        resolve_deepspeed_config(cfg, bf16=False)
+        resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=False)
 
 
 def test_missing_deepspeed_file_is_an_error():
     cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), ["deepspeed.config_file=nope.json"])
     with pytest.raises(ConfigError, match="not found"):
-        resolve_deepspeed_config(cfg, bf16=False)
+        resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=False)
 
 
 def test_lr_schedule_shapes():
-    from unigendet.training.optim import lr_multiplier
-
     f = lr_multiplier(warmup_steps=4, total_steps=14, decay="cosine", min_lr_ratio=0.1)
     assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
     g = lr_multiplier(0, 10, "linear", 0.0)
     assert g(5) == pytest.approx(0.5) and g(10) == 0.0
     assert lr_multiplier(3, 10, "constant", 0.0)(100) == 1.0
+
+
+@pytest.mark.parametrize("setting, key", [({"bf16": {"enabled": "auto", "check_grad_overflow": False}},
+                                           "bf16.check_grad_overflow"),
+                                          ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}},
+                                           "compute_grad_norm")])
+def test_deepspeed_file_may_not_turn_off_the_overflow_skip(tmp_path, setting, key):
+    """The non-finite guard relies on DeepSpeed skipping steps whose gradient norm is not finite."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, **setting}))
+    cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), [f"deepspeed.config_file={path}"])
+    with pytest.raises(ConfigError, match=key.replace(".", "[.]")):
+        resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=True)
+    if "bf16" not in setting:
+        return
+    setting["bf16"].pop("check_grad_overflow")
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, **setting}))
+    assert resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=True)["bf16"]["check_grad_overflow"] is True

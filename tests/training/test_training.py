@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from unigendet.data.demo_data import make_demo_dataset
+from unigendet.demo.data import make_demo_dataset
 
 TINY_RECIPE = REPO / "configs" / "train" / "gduf_demo.yaml"
 
@@ -119,8 +119,8 @@ def test_sharded_ema_is_the_same_under_zero2_and_zero3(tmp_path, demo):
         ])
         exports[stage] = (load_file(str(ckpt / "final_ema" / "model.safetensors")),
                           load_file(str(ckpt / "final" / "model.safetensors")))
-        assert (ckpt / "step_0000003" / "ema_rank00000.pt").is_file()
-        assert (ckpt / "step_0000003" / "ema_rank00001.pt").is_file()
+        assert (ckpt / "step_0000003" / "ema_rank00000.safetensors").is_file()
+        assert (ckpt / "step_0000003" / "ema_rank00001.safetensors").is_file()
     ema2, raw2 = exports[2]
     ema3, raw3 = exports[3]
     assert set(ema2) == set(ema3)

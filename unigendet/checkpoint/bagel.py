@@ -1,26 +1,10 @@
-"""Load BAGEL-7B-MoT and UniGenDet checkpoint directories (reference §6) into ``UniGenDet``.
+"""Load BAGEL-7B-MoT and UniGenDet checkpoint directories into ``UniGenDet``; only local files are read.
 
 A BAGEL directory holds ``llm_config.json`` (Qwen2), ``vit_config.json`` (SigLIP), ``ema.safetensors``
 (all model weights), ``ae.safetensors`` (FLUX VAE, BFL naming) and the tokenizer files. UniGenDet
-fine-tunes are weight files in the same naming, usually *without* the keys they did not train.
-
-Our parameter names equal BAGEL's except for these file keys:
-
-==================================  =====================================================================
-``fake_cls_head.{0,1,3}.*``         -> ``detection_head.*`` (UniGenDet's real/fake head, same indices)
-``diga_mlp.{0,2}.*``                -> ``diga_projector.*`` (DIGA projector, same indices)
-``latent_pos_embed.pos_embed``,     dropped: fixed sin-cos tables that our model recomputes from the
-``vit_pos_embed.pos_embed``         geometry (non-persistent buffers); checked against ours first
-``latent_to_vit_connector.*``       dropped: a module UniGenDet builds but never calls
-==================================  =====================================================================
-
-Everything else must match one to one: a missing or unexpected key or a shape mismatch is an error
-naming the key. The one exception is a head the files do not have at all (``detection_head`` when
-starting GDUF from plain BAGEL, ``diga_projector`` when starting DIGA): it stays freshly initialised.
-
-Only local files are read; nothing here touches the hub. A fine-tuned file passed as ``weights``
-overrides the base directory's keys in memory, which replaces the reference's "merge the missing keys
-into a new multi-GB file" step.
+fine-tunes are weight files in the same naming, usually *without* the keys they did not train; passed as
+``weights`` they override the base directory's keys in memory, where the official code first merges the
+missing keys into a new multi-GB file.
 """
 
 from __future__ import annotations
@@ -62,7 +46,7 @@ POS_EMBED_TOLERANCE = 1e-5
 # File prefix -> our prefix.
 _RENAMES = {"fake_cls_head.": "detection_head.", "diga_mlp.": "diga_projector."}
 _DEAD_PREFIX = "latent_to_vit_connector."
-_DEAD_REASON = "latent_to_vit_connector is built by UniGenDet but never called (reference §7.1); not part of our model"
+_DEAD_REASON = "latent_to_vit_connector is built by UniGenDet but never called by its forward; not part of our model"
 _POS_EMBED_REASON = "fixed sin-cos table; recomputed from the geometry"
 # Heads that may be absent from the files; our model then keeps its fresh initialisation.
 _OPTIONAL_HEADS = ("detection_head.", "diga_projector.")
@@ -87,7 +71,7 @@ _QWEN2_DEFAULTS = {
 _SIGLIP_DEFAULTS = {"num_channels": 3, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
 
 
-class CheckpointError(ValueError):
+class BagelCheckpointError(ConfigError):
     """A checkpoint does not match the model; the message names the offending keys."""
 
 
@@ -229,7 +213,7 @@ def _from_index(index_path: Path) -> _WeightSource:
     data = _read_json(index_path)
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path} has no weight_map")
+        raise BagelCheckpointError(f"{index_path} has no weight_map")
     files = [index_path.parent / name for name in sorted(set(weight_map.values()))]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -256,7 +240,7 @@ def _resolve_weights(path: str | Path | Sequence[str | Path]) -> _WeightSource:
         if len(indexes) == 1:
             return _from_index(indexes[0])
         if len(indexes) > 1:
-            raise CheckpointError(f"{path} holds several index files ({', '.join(p.name for p in indexes)}); pass one")
+            raise BagelCheckpointError(f"{path} holds several index files ({', '.join(p.name for p in indexes)}); pass one")
         raise FileNotFoundError(
             f"no weights in {path}: looked for {' or '.join(WEIGHT_FILE_NAMES)} or a *{INDEX_SUFFIX} index"
         )
@@ -265,7 +249,7 @@ def _resolve_weights(path: str | Path | Sequence[str | Path]) -> _WeightSource:
             return _from_index(path)
         if path.suffix == ".safetensors":
             return _WeightSource([path], None, str(path))
-        raise CheckpointError(f"{path} is neither a .safetensors file nor a *{INDEX_SUFFIX} index")
+        raise BagelCheckpointError(f"{path} is neither a .safetensors file nor a *{INDEX_SUFFIX} index")
     raise FileNotFoundError(f"weights not found: {path}")
 
 
@@ -276,7 +260,7 @@ def _check_index(source: _WeightSource, found: Mapping[str, Path]) -> None:
     extra = sorted(set(found) - set(source.index))
     misplaced = sorted(k for k in set(source.index) & set(found) if found[k].name != source.index[k])
     if missing or extra or misplaced:
-        raise CheckpointError(
+        raise BagelCheckpointError(
             f"shards disagree with {source.description}: "
             + format_key_problems(missing, extra, [f"{k} (not in {source.index[k]})" for k in misplaced])
         )
@@ -288,7 +272,7 @@ def _collect(source: _WeightSource, read) -> dict[str, Any]:
     for file in source.files:
         for key, value in read(file).items():
             if key in owner:
-                raise CheckpointError(f"key {key} appears in both {owner[key]} and {file}")
+                raise BagelCheckpointError(f"key {key} appears in both {owner[key]} and {file}")
             owner[key] = file
             out[key] = value
     _check_index(source, owner)
@@ -404,7 +388,7 @@ def _check_pos_embed(key: str, table: torch.Tensor, hidden_size: int, grid: int)
     rows = table.shape[0] if table.ndim == 2 else -1
     side = math.isqrt(rows) if rows > 0 else 0
     if table.ndim != 2 or table.shape[1] != hidden_size or side * side != rows:
-        raise CheckpointError(
+        raise BagelCheckpointError(
             f"{key}: shape {tuple(table.shape)} is not a square-grid sin-cos table of width {hidden_size}"
         )
     if side != grid:
@@ -428,9 +412,21 @@ def _flag_off_reason(key: str, cfg: ModelConfig) -> str | None:
 def adapt_bagel_state_dict(
     state: Mapping[str, torch.Tensor], model_config: ModelConfig
 ) -> tuple[dict[str, torch.Tensor], AdaptReport]:
-    """Rename BAGEL/UniGenDet file keys to ours and drop the keys our model does not hold (see the
-    module docstring). Checks the sin-cos tables before dropping them and warns with the largest
-    difference when they disagree with ours by more than ``POS_EMBED_TOLERANCE``."""
+    """Rename BAGEL/UniGenDet file keys to ours and drop the keys our model does not hold.
+
+    Our parameter names equal BAGEL's except for these file keys:
+
+    ==================================  =================================================================
+    ``fake_cls_head.{0,1,3}.*``         -> ``detection_head.*`` (UniGenDet's real/fake head, same indices)
+    ``diga_mlp.{0,2}.*``                -> ``diga_projector.*`` (DIGA projector, same indices)
+    ``latent_pos_embed.pos_embed``,     dropped: fixed sin-cos tables that our model recomputes from the
+    ``vit_pos_embed.pos_embed``         geometry (non-persistent buffers); checked against ours first
+    ``latent_to_vit_connector.*``       dropped: a module UniGenDet builds but never calls
+    ==================================  =================================================================
+
+    Keys of modules switched off in the config are dropped too. The sin-cos tables are checked before they
+    are dropped, with a warning giving the largest difference when they disagree with ours by more than
+    ``POS_EMBED_TOLERANCE``."""
     report = AdaptReport()
     out: dict[str, torch.Tensor] = {}
     grids = _pos_embed_grids(model_config)
@@ -482,7 +478,11 @@ def _file_name(our_key: str) -> str:
 
 
 def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Strict key/shape check (errors use the file spelling); returns the optional heads that stay fresh."""
+    """Strict key/shape check (errors use the file spelling); returns the optional heads that stay fresh.
+
+    Every key must match one to one. The one exception is a head the files do not have at all
+    (``detection_head`` when starting GDUF from plain BAGEL, ``diga_projector`` when starting DIGA): it stays
+    freshly initialised."""
     own = model.state_dict()
     fresh = [
         prefix.rstrip(".")
@@ -497,7 +497,7 @@ def _check_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> li
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
-        raise CheckpointError("checkpoint does not match the model: " + format_key_problems(missing, unexpected, shapes))
+        raise BagelCheckpointError("checkpoint does not match the model: " + format_key_problems(missing, unexpected, shapes))
     return fresh
 
 
@@ -534,7 +534,7 @@ def load_bagel_checkpoint(
     tokenizer = load_tokenizer(directory)
     special = special_token_ids(tokenizer)
     if len(tokenizer) > config.llm.vocab_size or max(dataclasses.astuple(special)) >= config.llm.vocab_size:
-        raise CheckpointError(
+        raise BagelCheckpointError(
             f"tokenizer in {directory} has {len(tokenizer)} tokens (largest special id "
             f"{max(dataclasses.astuple(special))}) but the embedding has only {config.llm.vocab_size} rows"
         )

@@ -40,13 +40,15 @@ def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str
 
 
 def save_model_directory(directory: str | Path, model: torch.nn.Module, state: dict[str, torch.Tensor],
-                         vae: FluxVAE, tokenizer, train_cfg=None) -> None:
-    """Write ``state`` (a consolidated state dict of ``model``) as a loadable directory."""
+                         vae: FluxVAE, tokenizer, lora_scaling: float | None = None) -> None:
+    """Write ``state`` (a consolidated state dict of ``model``) as a loadable directory. LoRA
+    adapters in ``state`` are merged into their base weights with ``lora_scaling`` (alpha / r)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if any(".lora_A." in k for k in state):
-        lora = train_cfg.lora
-        state = merge_lora_state(state, lora.alpha / lora.r)
+        if lora_scaling is None:
+            raise ValueError("the state holds LoRA adapters: pass lora_scaling (alpha / r) to merge them")
+        state = merge_lora_state(state, lora_scaling)
         logger.info("merged LoRA adapters into the exported weights")
     UniGenDet.save_pretrained(model, directory, state_dict=state)
     vae.save(directory / VAE_NAME)

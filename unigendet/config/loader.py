@@ -35,8 +35,30 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the dotted key."""
 
 
+class MissingKeyError(ConfigError):
+    """Required keys (no default) were not given; ``keys`` holds their dotted names. Raised only when every
+    given key was valid, so a caller may still show the configuration with these keys empty."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = list(keys)
+        super().__init__(f"missing required key(s): {', '.join(self.keys)}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _raise_union_error(value: Any, tp: Any, path: str, errors: list[tuple[Any, ConfigError]]) -> None:
+    """No option of a union accepted ``value``. For a choice between sections (dataclasses), say why each
+    refused it; an option that lacked only required keys is the one the value was meant for."""
+    sections = [(option, err) for option, err in errors if dataclasses.is_dataclass(option)]
+    if not sections or not isinstance(value, dict):
+        raise ConfigError(f"{path}: {value!r} matches none of {_type_name(tp)}")
+    for _, err in sections:
+        if isinstance(err, MissingKeyError):
+            raise err
+    reasons = "; ".join(f"as {option.__name__}: {err}" for option, err in sections)
+    raise ConfigError(f"{path}: fits none of {_type_name(tp)} ({reasons})")
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -48,15 +70,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
+        errors: list[tuple[Any, ConfigError]] = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _convert(value, option, path)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{path}: {value!r} matches none of {_type_name(tp)}")
+                errors.append((option, err))
+        _raise_union_error(value, tp, path, errors)
     if origin is Literal:
         choices = get_args(tp)
         # Compare types too: True == 1 must not satisfy Literal[1].
@@ -123,13 +145,29 @@ def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "") -> T:
             f"unknown key(s) {', '.join(where + k for k in unknown)}; valid keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
-    for name, value in data.items():
+    missing: list[str] = []
+    for name, spec in fields.items():
         path = f"{_prefix}.{name}" if _prefix else name
-        kwargs[name] = _convert(value, hints[name], path)
+        if name not in data and not _is_required(spec):
+            continue
+        if name not in data and _section_type(hints[name]) is None:
+            missing.append(path)
+            continue
+        try:
+            # An absent required section is built from nothing, so its own required keys get named.
+            kwargs[name] = _convert(data.get(name, {}), hints[name], path)
+        except MissingKeyError as err:
+            missing += err.keys
+    if missing:
+        raise MissingKeyError(missing)
     try:
         obj = cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"{_prefix or cls.__name__}: {err}") from err
+    except ConfigError:
+        raise
+    except ValueError as err:  # checks in __post_init__
+        raise ConfigError(_prefixed(str(err), _prefix, fields)) from err
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
@@ -144,6 +182,27 @@ def from_dict(cls: type[T], data: dict[str, Any], _prefix: str = "") -> T:
                 raise ConfigError(f"{_prefix}.{err}") from err
             raise
     return obj
+
+
+def _is_required(spec: dataclasses.Field) -> bool:
+    return spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+
+
+def _section_type(tp: Any) -> type | None:
+    """The (first) dataclass a field of type ``tp`` holds, if any (``A``, ``A | None``, ``A | B``)."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return next((option for option in get_args(tp) if dataclasses.is_dataclass(option)), None)
+    return None
+
+
+def _prefixed(message: str, prefix: str, fields: dict[str, dataclasses.Field]) -> str:
+    """``prefix.field must ...`` when the message starts with a field's name, else ``prefix: message``."""
+    if not prefix or message.startswith(prefix):
+        return message
+    first = re.split(r"[^A-Za-z0-9_]", message, maxsplit=1)[0]
+    return f"{prefix}.{message}" if first in fields else f"{prefix}: {message}"
 
 
 def to_dict(obj: Any) -> Any:
@@ -248,3 +307,69 @@ def save_config(obj: Any, path: str | Path) -> None:
         path.write_text(json.dumps(text, indent=2, sort_keys=False))
     else:
         path.write_text(yaml.safe_dump(text, sort_keys=False))
+
+
+def to_yaml(obj: Any) -> str:
+    """The YAML text of a config dataclass (every key, in field order), as ``load_config`` reads it back."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def config_template(cls: type) -> dict[str, Any]:
+    """Every key of dataclass ``cls`` with its default value; keys without a default are None, and sections
+    without a default are filled in recursively (the first section type of a union)."""
+    hints = get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):
+        if not spec.init:
+            continue
+        if spec.default is not dataclasses.MISSING:
+            out[spec.name] = to_dict(spec.default)
+        elif spec.default_factory is not dataclasses.MISSING:
+            out[spec.name] = to_dict(spec.default_factory())
+        else:
+            section = _section_type(hints[spec.name])
+            out[spec.name] = None if section is None else config_template(section)
+    return out
+
+
+def key_type(cls: type, dotted: str) -> Any:
+    """The annotated type of the dotted key ``dotted`` of dataclass ``cls``. In a union of sections, the first
+    section that has the key decides. An unknown key raises ConfigError naming it."""
+    tp: Any = cls
+    for depth, name in enumerate(dotted.split(".")):
+        sections = [tp] if dataclasses.is_dataclass(tp) else [
+            option for option in get_args(tp) if dataclasses.is_dataclass(option)]
+        owner = next((s for s in sections if name in {f.name for f in dataclasses.fields(s)}), None)
+        if owner is None:
+            raise ConfigError(f"unknown key {'.'.join(dotted.split('.')[:depth + 1])}")
+        tp = get_type_hints(owner)[name]
+    return tp
+
+
+def _admits_text(tp: Any) -> bool:
+    if tp is str or tp is Any:
+        return True
+    if get_origin(tp) is Literal:
+        return all(isinstance(choice, str) for choice in get_args(tp))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_admits_text(option) for option in get_args(tp) if option is not type(None))
+    return False
+
+
+def parse_text(text: str | list[str], tp: Any) -> Any:
+    """A command-line word (or words, for a list) as a value of type ``tp``: kept as typed where ``tp`` takes
+    text (paths, prompts, names, choices), read as a YAML scalar otherwise (numbers, booleans, null)."""
+    if isinstance(text, list):
+        sequence = next((option for option in [tp, *get_args(tp)] if get_origin(option) in (list, tuple)), None)
+        args = get_args(sequence) if sequence is not None else ()
+        fixed = get_origin(sequence) is tuple and args and args[-1] is not Ellipsis
+        item_types = [args[i] if fixed and i < len(args) else (args[0] if args else Any) for i in range(len(text))]
+        return [parse_text(word, item_tp) for word, item_tp in zip(text, item_types)]
+    if _admits_text(tp):
+        return text
+    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+
+
+def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``key.sub`` in a nested mapping to an already typed ``value``, creating sections on the way."""
+    _set_dotted(data, dotted, value)

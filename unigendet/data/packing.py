@@ -1,4 +1,4 @@
-"""Sequence plans -> one packed batch (BAGEL's packed format, §3 of the design doc).
+"""Sequence plans -> one packed batch, in BAGEL's packed-sequence format.
 
 A sample is a list of plan items. Each item becomes one attention split:
 
@@ -14,16 +14,6 @@ VAEImage      ``<|vision_start|>`` h*w latents ``<|vision_end|>``  full    all s
 Items with ``enable_cfg`` may be dropped for classifier-free guidance training: a dropped text
 leaves r unchanged, a dropped image advances it by one. Markers are text tokens (und expert); only
 latent tokens go to the generation expert.
-
-Two layouts this project trains on:
-
-* SMSA detection sample: clean VAE block -> ViT block -> question -> answer (CE + detection head
-  at the answer's ``<|im_start|>``). ``smsa=False`` drops the VAE block (the paper's ablation).
-* text-to-image sample: caption (CFG-droppable) -> noised VAE block (flow-matching loss).
-
-The builder knows nothing of tokenizers or the VAE: it receives token ids and image tensors, and
-the objective encodes ``vae_images`` with the VAE (latents are not needed to lay out the pack, only
-their grid size).
 """
 
 from __future__ import annotations
@@ -36,10 +26,8 @@ import torch
 
 from unigendet.data.tokenizer import SpecialTokenIds
 from unigendet.data.transforms import flat_position_ids, patchify
+from unigendet.labels import LABEL_FAKE, LABEL_REAL
 from unigendet.ops.attention import PackedLayout
-
-LABEL_REAL = 0
-LABEL_FAKE = 1
 
 
 @dataclass
@@ -78,7 +66,8 @@ def detection_sample(
     prefix_ids: list[int] | None = None,
     smsa: bool = True,
 ) -> list[PlanItem]:
-    """SMSA layout: [prefix text] -> clean VAE image -> ViT image -> question -> answer (loss)."""
+    """SMSA layout: [prefix text] -> clean VAE image -> ViT image -> question -> answer (CE loss, and the
+    detection head at the answer's ``<|im_start|>``). ``smsa=False`` drops the VAE block (the paper's ablation)."""
     if label is not None and label not in (LABEL_REAL, LABEL_FAKE):
         raise ValueError(f"detection label must be {LABEL_REAL} (real) or {LABEL_FAKE} (fake), got {label!r}")
     if smsa and vae_image is None:
@@ -92,16 +81,6 @@ def detection_sample(
     items.append(TextItem(list(question_ids)))
     items.append(TextItem(list(answer_ids), loss=True, detection_label=label))
     return items
-
-
-def diga_teacher_sample(prompt_ids: list[int], vae_image: torch.Tensor, vit_image: torch.Tensor,
-                        prompt_before_vit: bool = True) -> list[PlanItem]:
-    """What the frozen DIGA teacher sees of a ground-truth image: clean VAE block, forensic prompt
-    and ViT block. The reference puts the prompt between the two image blocks, so the ViT tokens
-    (whose features are the alignment targets) read the caption-conditioned prompt;
-    ``prompt_before_vit=False`` gives the plain SMSA order (VAE -> ViT -> prompt)."""
-    vae, vit, prompt = VAEImage(vae_image, noised=False), ViTImage(vit_image), TextItem(list(prompt_ids))
-    return [vae, prompt, vit] if prompt_before_vit else [vae, vit, prompt]
 
 
 def text_to_image_sample(caption_ids: list[int], vae_image: torch.Tensor) -> list[PlanItem]:
@@ -132,8 +111,9 @@ class PlanSample:
     num_tokens: int  # packed length without CFG dropout (``plan_num_tokens``)
     kind: str  # "detection" or "t2i"
     key: str  # stable id of the source record (dedupe, held-out splits, debugging)
-    # DIGA: the teacher's view of this sample's ground-truth image (``diga_teacher_sample``).
-    teacher_items: list[PlanItem] | None = None
+    # Extra views of the same record, each packed into its own batch under its name (e.g. the frozen
+    # DIGA teacher's view of the ground-truth image). Sample hooks of the encoder fill them.
+    views: dict[str, list[PlanItem]] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,8 +153,8 @@ class PackedBatch:
     det_indexes: torch.Tensor  # Long [n_det]: the answer's <|im_start|> position
     det_labels: torch.Tensor  # Long [n_det]: 1 = fake, 0 = real
     sample_kinds: list[str] = field(default_factory=list)
-    # DIGA: the teacher's pack; its i-th VAE image is the ground truth of this pack's i-th noised image.
-    teacher: "PackedBatch | None" = None
+    # One pack per view name, holding the views of the samples that have one, in sample order.
+    views: dict[str, "PackedBatch"] = field(default_factory=dict)
 
     @property
     def layout(self) -> PackedLayout:
@@ -197,8 +177,8 @@ class PackedBatch:
                 v = v.to(device, non_blocking=True)
             elif f.name == "vae_images":
                 v = [img.to(device, non_blocking=True) for img in v]
-            elif f.name == "teacher" and v is not None:
-                v = v.to(device)
+            elif f.name == "views":
+                v = {name: view.to(device) for name, view in v.items()}
             values[f.name] = v
         return PackedBatch(**values)
 
@@ -212,7 +192,10 @@ class PackGeometry:
 
 
 class PackBuilder:
-    """Lays out samples into one ``PackedBatch``. ``rng`` drives CFG dropout only."""
+    """Lays out samples into one ``PackedBatch``. ``rng`` drives CFG dropout only.
+
+    The builder knows nothing of tokenizers or the VAE: it receives token ids and image tensors, and the
+    objective encodes ``vae_images`` with the VAE (laying out the pack needs only the latent grid size)."""
 
     def __init__(
         self,
@@ -232,16 +215,14 @@ class PackBuilder:
         p = {TextItem: self.cfg_dropout.text, ViTImage: self.cfg_dropout.vit, VAEImage: self.cfg_dropout.vae}[type(item)]
         return p > 0 and self.rng.random() < p
 
-    def build_with_teacher(self, samples: list[PlanSample]) -> PackedBatch:
-        """Pack ``samples``; when any carries ``teacher_items`` (DIGA), also pack those, in order,
-        as ``batch.teacher`` (every noised image must then have its teacher view)."""
+    def build_samples(self, samples: list[PlanSample]) -> PackedBatch:
+        """Pack ``samples``, and each name of their extra ``views`` into ``batch.views[name]`` (the
+        views of the samples that have one, in sample order)."""
         batch = self.build([s.items for s in samples], [s.kind for s in samples])
-        teachers = [s.teacher_items for s in samples if s.teacher_items is not None]
-        if teachers:
-            if len(teachers) != int(batch.vae_noised.sum()):
-                raise ValueError(f"{len(teachers)} teacher views for {int(batch.vae_noised.sum())} noised images")
-            # The teacher never drops anything: it must see exactly the ground truth.
-            batch.teacher = PackBuilder(self.special, self.geometry).build(teachers, ["teacher"] * len(teachers))
+        for name in dict.fromkeys(name for s in samples for name in s.views):
+            views = [s.views[name] for s in samples if name in s.views]
+            # Views are never dropped: whoever reads them must see exactly the record.
+            batch.views[name] = PackBuilder(self.special, self.geometry).build(views, [name] * len(views))
         return batch
 
     def build(self, samples: list[list[PlanItem]], kinds: list[str] | None = None) -> PackedBatch:

@@ -1,22 +1,5 @@
-"""Infinite, resumable, exactly-sharded iteration over one source.
-
-Every (rank, DataLoader worker) pair is one *shard*: ``g = rank * num_workers + worker_id`` of
-``G = world_size * num_workers``. Epoch ``e`` visits the records in the order of a permutation that depends
-only on ``(seed, e)`` -- so all shards agree on it without communicating -- and shard ``g`` takes the
-permutation positions ``g, g + G, g + 2G, ...``. The shards therefore partition every epoch: each record
-is visited exactly once per epoch, with no duplicates and no gaps. When ``N`` is not a multiple of ``G`` the
-first ``N mod G`` shards take one record more; that is harmless because every shard loops forever and
-ranks pack independently (no shard waits for another at an epoch boundary). Each epoch uses a new
-permutation (the reference reuses one order for every epoch).
-
-Bad records (:class:`~unigendet.data.sources.BadSample`) are skipped and counted in ``stream.counter``;
-the stream raises :class:`~unigendet.data.sources.DataQualityError` only when the bad fraction exceeds
-``max_bad_fraction`` after ``min_seen`` records, or when a whole epoch of this shard yields nothing.
-
-Resuming: ``state_dict()`` names the next record (epoch, cursor in this shard's slice of that epoch) and
-carries the counter. A stream restored with ``load_state_dict`` yields exactly what the uninterrupted
-stream would have. Inside DataLoader workers the iterating object is the worker's copy, so the packer
-must send that copy's ``state_dict()`` back with its output for checkpointing.
+"""Infinite, resumable, exactly-sharded iteration over one source: every (rank, DataLoader worker) pair reads
+its own slice of each epoch's permutation, so the shards cover every epoch with no duplicates and no gaps.
 """
 
 from __future__ import annotations
@@ -27,13 +10,9 @@ from typing import Any
 
 import torch
 
+from unigendet.data.encoding import SampleSource
 from unigendet.data.packing import PlanSample
-from unigendet.data.sources import (
-    BadSample,
-    BadSampleCounter,
-    DataQualityError,
-    SampleSource,
-)
+from unigendet.data.quality import BadSample, BadSampleCounter, DataQualityError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +50,24 @@ class ShardedStream:
 
     ``worker_id``/``num_workers`` default to the calling DataLoader worker's (resolved at the first
     ``next``, because the stream is usually built in the main process and copied into the workers).
+
+    Every (rank, DataLoader worker) pair is one *shard*: ``g = rank * num_workers + worker_id`` of
+    ``G = world_size * num_workers``. Epoch ``e`` visits the records in the order of a permutation that depends
+    only on ``(seed, e)`` -- so all shards agree on it without communicating -- and shard ``g`` takes the
+    permutation positions ``g, g + G, g + 2G, ...``. The shards therefore partition every epoch: each record
+    is visited exactly once per epoch, with no duplicates and no gaps. When ``N`` is not a multiple of ``G`` the
+    first ``N mod G`` shards take one record more; that is harmless because every shard loops forever and
+    ranks pack independently (no shard waits for another at an epoch boundary). Each epoch uses a new
+    permutation (the reference reuses one order for every epoch).
+
+    Bad records (:class:`~unigendet.data.quality.BadSample`) are skipped and counted in ``stream.counter``;
+    the stream raises :class:`~unigendet.data.quality.DataQualityError` only when the bad fraction exceeds
+    ``max_bad_fraction`` after ``min_seen`` records, or when a whole epoch of this shard yields nothing.
+
+    Resuming: ``state_dict()`` names the next record (epoch, cursor in this shard's slice of that epoch) and
+    carries the counter. A stream restored with ``load_state_dict`` yields exactly what the uninterrupted
+    stream would have. Inside DataLoader workers the iterating object is the worker's copy, so the packer
+    must send that copy's ``state_dict()`` back with its output for checkpointing.
     """
 
     def __init__(

@@ -11,11 +11,14 @@ CPU demo, where the 151k-token Qwen vocabulary would be pointless and is not ava
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from unigendet.data.quality import BadSample
 
 if TYPE_CHECKING:  # transformers is imported lazily: AutoTokenizer alone costs seconds at import time
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -43,6 +46,9 @@ _QWEN2_SPLIT_PATTERN = (
 # Files by which a directory is recognisably a tokenizer: a fast tokenizer.json, or the slow
 # Qwen2Tokenizer's vocab/merges pair (what BAGEL ships).
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+_TOKENIZER_JSON_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "special_tokens_map.json", "added_tokens.json"
+)
 
 
 @dataclass(frozen=True)
@@ -95,10 +101,24 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise OSError(f"could not load the tokenizer from {path}: {err}") from err
+    except Exception as err:  # a malformed file surfaces as JSONDecodeError, KeyError or a tokenizers Exception
+        culprit = _unparsable_file(path)
+        raise OSError(f"could not load the tokenizer from {culprit}: {type(err).__name__}: {err}") from err
     logger.debug("loaded tokenizer %s from %s (%d tokens)", type(tokenizer).__name__, path, len(tokenizer))
     return tokenizer
+
+
+def _unparsable_file(directory: Path) -> Path:
+    """The first tokenizer JSON file in ``directory`` that does not parse, to name it in the error; the
+    directory itself when they all parse (the problem is then in their content)."""
+    for name in _TOKENIZER_JSON_FILES:
+        candidate = directory / name
+        if candidate.is_file():
+            try:
+                json.loads(candidate.read_text(encoding="utf-8"))
+            except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                return candidate
+    return directory
 
 
 def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -171,6 +191,20 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens added (BAGEL adds no BOS/EOS at encode time).
 
     A literal marker string inside ``text`` (e.g. "<|im_end|>") is still recognised as that special
-    token, exactly as in the reference tokenizer.
+    token, exactly as in the reference tokenizer. Text that is not valid Unicode is a ``BadSample``
+    (``bad_text``), see :func:`check_text`.
     """
+    check_text(text, "text")
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_text(text: str, where: str) -> None:
+    """BadSample ``bad_text`` if ``text`` cannot be encoded as UTF-8, i.e. holds a lone surrogate such as
+    ``"\\ud800"`` (which JSON escapes can produce). Such text is exactly what the Rust tokenizers cannot take:
+    they would fail with a TypeError that names neither the record nor the problem."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadSample(
+            "bad_text", f"{where}: not valid Unicode ({err.reason}: {text[err.start:err.end]!r} at {err.start})"
+        ) from None

@@ -19,29 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unigendet.data.images import to_rgb
+
 logger = logging.getLogger(__name__)
 
-# BAGEL defaults (reference-architecture §1.7).
+# BAGEL's pixel budgets: the ImageTransform default (14·14·9·1024), and the ViT budget of UniGenDet's GDUF recipe.
 DEFAULT_MAX_PIXELS = 14 * 14 * 9 * 1024  # 1,806,336
 GDUF_VIT_MAX_PIXELS = 2_007_040
-
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-def pil_to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of ``img``; transparent pixels are composited on white (not black, PIL's default).
-
-    Detection datasets contain PNGs with alpha; converting them with a plain ``convert("RGB")`` would
-    expose whatever colour the transparent pixels happen to store, which differs from the reference.
-    """
-    if img.mode in _ALPHA_MODES or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    if img.mode == "RGB":
-        return img.copy()
-    return img.convert("RGB")
 
 
 def _snap(side: int, scale: float, stride: int) -> int:
@@ -100,7 +84,8 @@ def pil_to_tensor01(img: Image.Image) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize (§1.7 rule, PIL bicubic) → ``[3, H, W]`` float32 normalised to [-1, 1] by ``(x - 0.5) / 0.5``."""
+    """Resize (:func:`resize_target_size`, PIL bicubic) → ``[3, H, W]`` float32 normalised to [-1, 1] by
+    ``(x - 0.5) / 0.5``."""
 
     max_size: int
     min_size: int
@@ -118,7 +103,7 @@ class ImageTransform:
 
     def resize(self, img: Image.Image, img_num: int = 1) -> Image.Image:
         """The resized RGB PIL image (also what DIGA's teacher and the demo display)."""
-        img = pil_to_rgb(img) if img.mode != "RGB" else img
+        img = to_rgb(img) if img.mode != "RGB" else img
         size = self.target_size(*img.size, img_num=img_num)
         if size == img.size:
             # PIL's resize to the same size is an exact copy; skip the work.

@@ -1,18 +1,93 @@
-"""DeepSpeed configuration from our TrainConfig, and engine construction."""
+"""The DeepSpeed engine: model + AdamW + learning-rate schedule, from ``DeepSpeedConfig`` and ``OptimConfig``.
+
+DeepSpeed is imported inside ``build_engine`` only, so the configs resolve without it.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 
 from unigendet.config.loader import ConfigError
+from unigendet.config.ranges import require_non_negative, require_positive, require_probability, require_range
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Our view of the DeepSpeed engine. ``config_file`` (a JSON under configs/deepspeed/) may hold
+    "auto" fields, filled from this run's config; without it one is generated from ``zero_stage``."""
+
+    config_file: str | None = None
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_accumulation_steps: int = 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def validate(self) -> None:
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("offload_params needs zero_stage 3")
+        require_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+
+    def use_bf16(self, device_type: str) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then constant / cosine / linear decay. Reference: lr 2e-5,
+    betas (0.9, 0.95), eps 1e-15, weight decay 0 (the paper says non-zero; value lost), clip 1.0.
+    ``max_grad_norm``: clip the global gradient norm to this value; 0 turns clipping off."""
+
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        require_positive("lr", self.lr)
+        for i, beta in enumerate(self.betas):
+            require_probability(f"betas[{i}]", beta, one_allowed=False)
+        require_positive("eps", self.eps)
+        require_non_negative("weight_decay", self.weight_decay)
+        require_non_negative("warmup_steps", self.warmup_steps)
+        require_probability("min_lr_ratio", self.min_lr_ratio)
+        require_non_negative("max_grad_norm", self.max_grad_norm)
+
+
+def lr_multiplier(warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> Callable[[int], float]:
+    """LambdaLR factor for optimizer step ``step`` (0-based: the first step uses factor(0)): linear
+    warm-up, then constant, cosine or linear decay to ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if decay == "constant":
+            return 1.0
+        span = max(total_steps - warmup_steps, 1)
+        progress = min(max(step - warmup_steps, 0) / span, 1.0)
+        if decay == "cosine":
+            shape = 0.5 * (1 + math.cos(math.pi * progress))
+        elif decay == "linear":
+            shape = 1.0 - progress
+        else:
+            raise ValueError(f"unknown decay {decay!r}")
+        return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+    return factor
 
 
 def generated_deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: bool) -> dict[str, Any]:
@@ -49,12 +124,11 @@ def _fill_auto(node: Any, values: dict[str, Any], path: str = "") -> Any:
     return node
 
 
-def resolve_deepspeed_config(cfg, bf16: bool) -> dict[str, Any]:
+def resolve_deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, bf16: bool) -> dict[str, Any]:
     """Load the JSON (or generate it) and replace every "auto" by this run's value.
 
-    ``cfg`` is the TrainConfig. Values are taken from our config so that there is one place to
-    set each option; a literal value in the JSON that disagrees with our config is an error."""
-    ds = cfg.deepspeed
+    Values are taken from our configs so that there is one place to set each option; a literal
+    value in the JSON that disagrees with our config is an error."""
     if ds.config_file:
         path = Path(ds.config_file)
         if not path.is_file():
@@ -65,7 +139,6 @@ def resolve_deepspeed_config(cfg, bf16: bool) -> dict[str, Any]:
             raise ConfigError(f"deepspeed.config_file {path} is not valid JSON: {err}") from err
     else:
         raw = generated_deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_params)
-    optim = cfg.optim
     values = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
@@ -88,7 +161,23 @@ def resolve_deepspeed_config(cfg, bf16: bool) -> dict[str, Any]:
     resolved.setdefault("optimizer", {}).setdefault("params", {})["torch_adam"] = not offloading
     if offloading:
         resolved["optimizer"]["params"].pop("torch_adam")
+    _keep_overflow_checks(resolved)
     return resolved
+
+
+def _keep_overflow_checks(resolved: dict[str, Any]) -> None:
+    """The trainer's guard relies on DeepSpeed skipping a step whose gradient norm is NaN/inf. Under bf16
+    it does only with ``bf16.check_grad_overflow``, and never without the gradient norm: a file may not
+    turn either off."""
+    bf16 = resolved.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled"):
+        if bf16.get("check_grad_overflow") is False:
+            raise ConfigError("deepspeed.config_file sets bf16.check_grad_overflow false: the trainer's non-finite "
+                              "gradient guard needs it (remove the setting)")
+        bf16["check_grad_overflow"] = True
+    if resolved.get("zero_optimization", {}).get("compute_grad_norm") is False:
+        raise ConfigError("deepspeed.config_file sets zero_optimization.compute_grad_norm false: the trainer's "
+                          "non-finite gradient guard needs the gradient norm (remove the setting)")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -102,17 +191,83 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda, weight_decay: float):
-    """``deepspeed.initialize`` with our parameter groups and LR schedule (a LambdaLR)."""
+def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig, total_steps: int, bf16: bool):
+    """``deepspeed.initialize`` with our parameter groups and LR schedule (a LambdaLR over
+    ``total_steps`` optimizer steps); returns (engine, optimizer, scheduler)."""
     import deepspeed
+
+    lr_lambda = lr_multiplier(optim.warmup_steps, total_steps, optim.decay, optim.min_lr_ratio)
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, weight_decay),
-        config=ds_config,
+        model_parameters=param_groups(model, optim.weight_decay),
+        config=resolve_deepspeed_config(ds, optim, bf16),
         lr_scheduler=scheduler,
     )
     return engine, optimizer, lr_scheduler
+
+
+class StepGate:
+    """Runs DeepSpeed's optimizer step, or skips it: the trainer's guard decides, every rank alike.
+
+    A skipped step leaves parameters and optimizer state untouched and the learning-rate schedule one step
+    further on, exactly as an applied one would: the schedule position always equals the step count.
+
+    * DeepSpeed itself skips a step whose global gradient norm is NaN/inf (ZeRO-1/2/3, and the bf16
+      optimizer; ``resolve_deepspeed_config`` keeps that check on) but then leaves the schedule where it
+      was, so the gate steps the schedule.
+    * A skip the guard asks for (a non-finite loss on some rank) runs DeepSpeed's step with the gradients
+      hidden from the inner optimizer (AdamW and DeepSpeed's CPU Adam leave a parameter without a gradient
+      and its state alone); they are put back afterwards, so DeepSpeed's buffers stay as it keeps them.
+    * fp32 without ZeRO steps a plain torch optimizer that checks nothing: ``local_nonfinite_gradients``
+      gives the guard that check (the gradients are already averaged over ranks then).
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.hiding = False
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        inner = getattr(engine, "basic_optimizer", None) or engine.optimizer
+        inner.register_step_pre_hook(self._hide_gradients)
+        inner.register_step_post_hook(self._restore_gradients)
+        self.engine_checks_gradients = hasattr(engine.optimizer, "overflow")
+
+    def _hide_gradients(self, optimizer, args, kwargs) -> None:
+        if not self.hiding:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self._hidden.append((p, p.grad))
+                p.grad = None
+
+    def _restore_gradients(self, optimizer, args, kwargs) -> None:
+        for p, grad in self._hidden:
+            p.grad = grad
+        self._hidden.clear()
+
+    def local_nonfinite_gradients(self) -> torch.Tensor:
+        """1.0 where DeepSpeed will not check the gradients itself and this rank's are not finite, else 0.0
+        (a tensor: no host sync)."""
+        device = next(self.engine.module.parameters()).device
+        if self.engine_checks_gradients:
+            return torch.zeros((), device=device)
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=device)
+        return (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+
+    def step(self, skip: bool) -> bool:
+        """DeepSpeed's step at an accumulation boundary, skipped when ``skip``; returns whether it was applied."""
+        self.hiding = skip
+        try:
+            self.engine.step()
+        finally:
+            self.hiding = False
+        if not self.engine.was_step_applied():
+            # DeepSpeed's overflow skip does not advance the schedule; every other step does.
+            self.engine.lr_scheduler.step()
+            return False
+        return not skip

@@ -1,27 +1,32 @@
-"""Detection benchmarks on disk -> :class:`EvalRecord` lists (``evaluation-protocols.md`` §1–§3).
+"""Detection benchmarks on disk (FakeClue, DMimage, ARForensics, and the image-folder layouts of
+:mod:`unigendet.data.layouts`: GenImage, UniversalFakeDetect, DRCT-2M, DeepfakeBench) -> :class:`EvalRecord`
+lists, with labels in the internal convention (``0 = real, 1 = fake``).
 
-Layouts
-    * **DMimage**: one folder per source under the test directory; a folder whose name contains ``real``
-      (any case) holds real images, every other folder is one generator. Images are found recursively inside
-      each source folder.
-    * **ARForensics**: ``<root>/test/<Gen>/{0_real,1_fake}/`` with the seven test generators
-      (:data:`ARFORENSICS_GENERATORS`); ``root`` may also point at the ``test`` directory itself.
-    * **FakeClue**: a JSON list of ``{image, label, cate, conversations}`` entries (the training parser's rules).
-
-Labels are converted to the internal convention (``0 = real, 1 = fake``) here. Problems with the whole
-dataset (missing root, unknown layout, no images) raise :class:`BenchmarkError` naming the path and the
-expected layout; problems with one entry (a malformed FakeClue entry) are listed in ``Benchmark.invalid``.
-Images are not opened here: unreadable files surface (and are counted) when the harness loads them.
+A dataset that cannot be used as a whole raises :class:`BenchmarkError` naming the path and the expected layout;
+a malformed single entry is listed in ``Benchmark.invalid``. Images are not opened here: unreadable files are
+counted when the harness loads them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unigendet.data.sources import BadSample, parse_fakeclue_entry, read_json_list
-from unigendet.metrics.fakeclue import LABEL_FAKE, LABEL_REAL
+from unigendet.config.loader import ConfigError
+from unigendet.data.fakeclue import parse_fakeclue_entry, read_json_list
+from unigendet.data.layouts import (
+    LayoutError,
+    LayoutIndex,
+    index_deepfakebench,
+    index_drct2m,
+    index_genimage,
+    index_ufd,
+)
+from unigendet.data.paths import resolve_image_path
+from unigendet.data.quality import BadSample
+from unigendet.labels import LABEL_FAKE, LABEL_REAL
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +37,9 @@ ARFORENSICS_CLASS_DIRS = {"0_real": LABEL_REAL, "1_fake": LABEL_FAKE}
 DMIMAGE_REAL_MARKER = "real"
 
 
-class BenchmarkError(ValueError):
-    """A benchmark directory or file cannot be used as given (missing, empty, or another layout)."""
+class BenchmarkError(ConfigError):
+    """A benchmark directory or file cannot be used as given (missing, empty, or another layout): an input error,
+    reported by the command line as one line (exit status 2)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,11 @@ def dmimage_is_real(folder_name: str) -> bool:
 
 
 def load_dmimage(root: str | Path, limit_per_group: int | None = None) -> Benchmark:
-    """DMimage test directory -> records; group = source folder name."""
+    """DMimage test directory -> records; group = source folder name.
+
+    One folder per source; a folder whose name contains ``real`` (any case) holds real images, every other
+    folder is one generator. Images are found recursively inside each source folder.
+    """
     root = _existing_dir(root, "DMimage", _DMIMAGE_EXPECTED)
     folders = _subdirs(root)
     if not folders:
@@ -153,8 +163,9 @@ def _arforensics_test_dir(root: Path) -> Path:
 
 def load_arforensics(root: str | Path, generators: list[str] | None = None,
                      limit_per_class: int | None = None) -> Benchmark:
-    """ARForensics test set -> records; group = generator folder name. ``generators`` restricts (and
-    requires) the named folders; by default every generator folder found is used."""
+    """ARForensics test set (``<root>/test/<Gen>/{0_real,1_fake}/``, or ``root`` = the ``test`` directory) ->
+    records; group = generator folder name. ``generators`` restricts (and requires) the named folders; by default
+    every generator folder found is used."""
     root = _existing_dir(root, "ARForensics", _ARF_EXPECTED)
     test_dir = _arforensics_test_dir(root)
     found = {d.name: d for d in _subdirs(test_dir)}
@@ -205,24 +216,87 @@ def _arforensics_order(name: str) -> tuple[int, str]:
 
 def load_fakeclue(json_path: str | Path, image_root: str | Path, label_convention: str = "fakeclue",
                   limit: int | None = None) -> Benchmark:
-    """FakeClue-format JSON -> records with question and reference answer; group = ``cate`` (or ``all``).
+    """FakeClue-format JSON (a list of ``{image, label, cate, conversations}``, read with the training parser's
+    rules) -> records with question and reference answer; group = ``cate`` (or ``all``).
     Malformed entries are listed in ``invalid`` (the official script counts them as crashed)."""
     json_path = Path(json_path)
     entries = read_json_list(json_path)
     if limit is not None:
         entries = entries[:limit]
     records, invalid = [], []
+    root = Path(image_root).resolve()
     for i, entry in enumerate(entries):
         where = f"{json_path}[{i}]"
         try:
             rec = parse_fakeclue_entry(entry, label_convention, where)
+            path = resolve_image_path(root, rec.image, where)  # inside image_root, symlinks included
         except BadSample as bad:
             invalid.append(str(bad))
             continue
         group = entry.get("cate") if isinstance(entry.get("cate"), str) and entry.get("cate") else "all"
-        records.append(EvalRecord(f"{i}:{rec.image}", str(Path(image_root) / rec.image), rec.label, group,
+        records.append(EvalRecord(f"{i}:{rec.image}", str(path), rec.label, group,
                                   question=rec.question, reference=rec.answer))
     if not records and not invalid:
         raise BenchmarkError(f"{json_path} has no entries")
     groups = list(dict.fromkeys(r.group for r in records))
     return Benchmark("fakeclue", str(json_path), records, invalid=invalid, groups=groups)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image-folder layouts (GenImage, UniversalFakeDetect, DRCT-2M, DeepfakeBench)
+
+
+def _layout_benchmark(name: str, read: Callable[[], LayoutIndex]) -> Benchmark:
+    """One split of a layout as a benchmark: group as the layout's, ``invalid`` = the images it left out."""
+    try:
+        index = read()
+    except LayoutError as err:
+        raise BenchmarkError(str(err)) from err
+    records = [EvalRecord(r.key, str(r.path), r.label, r.group) for r in index.records]
+    return Benchmark(name, str(index.root), records, invalid=list(index.skipped), groups=index.groups)
+
+
+def load_genimage(root: str | Path, generators: list[str] | None = None, split: str = "val",
+                  limit_per_group: int | None = None) -> Benchmark:
+    """GenImage (``<generator>/{train,val}/{ai,nature}/``; ``ai`` = fake, ``nature`` = real) -> one split's
+    records, group = generator (:func:`unigendet.data.layouts.index_genimage`)."""
+    return _layout_benchmark("genimage", lambda: index_genimage(root, generators, [split], limit_per_group))
+
+
+def load_ufd(root: str | Path, subsets: list[str] | None = None, split: str = "test",
+             limit_per_group: int | None = None) -> Benchmark:
+    """UniversalFakeDetect / ForenSynths (``<subset>/[<class>/]{0_real,1_fake}/``, diffusion subsets paired with
+    their LAION / ImageNet reals) -> one split's records, group = subset. ``root`` holds ``test/`` (and
+    ``train/``, ``val/``) or is the test folder itself (:func:`unigendet.data.layouts.index_ufd`)."""
+    return _layout_benchmark("ufd", lambda: index_ufd(root, subsets, [split], limit_per_group, root_split=split))
+
+
+def load_drct2m(root: str | Path, generators: list[str] | None = None, split: str = "val",
+                limit_per_group: int | None = None, real_root: str | Path | None = None,
+                pair_reals: bool = True) -> Benchmark:
+    """DRCT-2M (``DRCT-2M/<generator>/{train2017,val2017}/`` fake, ``MSCOCO/{train2017,val2017}/`` real) -> one
+    split's records (``val`` = val2017, DRCT's test set), group = generator. ``pair_reals`` (default): every
+    generator group holds all reals of the split, so that each has real and fake accuracy of its own; off: the
+    reals are scored once, as their own group (:func:`unigendet.data.layouts.index_drct2m`)."""
+    return _layout_benchmark("drct2m", lambda: index_drct2m(root, generators, [split], limit_per_group,
+                                                            real_root=real_root, pair_reals=pair_reals))
+
+
+def load_deepfakebench(json_path: str | Path, root: str | Path, datasets: list[str] | None = None,
+                       split: str = "test", limit_per_group: int | None = None, compression: str = "c23",
+                       frames_per_video: int | None = None) -> Benchmark:
+    """DeepfakeBench face frames (a dataset JSON, frames under ``root``; label names mapped to real / fake) -> one
+    split's frame records, group = dataset. The key holds the frame path, whose parent folder is the video
+    (for video-level scores); landmarks lie at :func:`unigendet.data.layouts.landmarks_name` of the frame
+    (:func:`unigendet.data.layouts.index_deepfakebench`)."""
+    return _layout_benchmark("deepfakebench", lambda: index_deepfakebench(
+        json_path, root, datasets, [split], limit_per_group, compression=compression,
+        frames_per_video=frames_per_video))
+
+
+LAYOUT_BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
+    "genimage": load_genimage,
+    "ufd": load_ufd,
+    "drct2m": load_drct2m,
+    "deepfakebench": load_deepfakebench,
+}

@@ -1,15 +1,9 @@
-"""Intra-prompt diversity (paper Appendix E; design doc §7): K samples per prompt, mean over all C(K, 2)
-unordered pairs of each prompt, then the mean over prompts, for
+"""Intra-prompt diversity of a generator, the measure the UniGenDet paper reports: K samples per prompt,
+mean LPIPS (higher = more diverse) and mean CLIP image similarity (lower = more diverse) over all C(K, 2)
+pairs of each prompt, then the mean over prompts.
 
-* LPIPS (AlexNet, v0.1; higher = more diverse), images resized to 256×256 (PIL bilinear), RGB in [-1, 1];
-* CLIP similarity (cosine of L2-normalised image embeddings; lower = more diverse), transformers ``CLIPModel``
-  with its own image processor, loaded from a local directory (e.g. a copy of ``openai/clip-vit-large-patch14``,
-  the weights GenEval's colour classifier uses).
-
-The paper leaves backbones, image size, pairing and prompts unspecified; these are the project's defaults and
-every report states them. Prompts: the FID selection (:mod:`unigendet.evaluation.generation`), default first 500.
-Samples: sample ``k`` of every prompt uses seed ``seed + k``; layout ``<out>/<i:05d>/samples/<k:05d>.png`` +
-``<out>/<i:05d>/metadata.json``; sharded and resumable like the FID generation.
+The paper does not name backbones, image size, pairing or prompts; the defaults here (AlexNet LPIPS v0.1 at
+256², a local CLIP such as ViT-L/14, the FID prompt selection) are the project's, and every report states them.
 """
 
 from __future__ import annotations
@@ -26,21 +20,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unigendet.evaluation.generation import (
+from unigendet.evaluation.harness import ShardSpec
+from unigendet.evaluation.image_generation import (
     SHARD_FREE_KEYS,
-    EvalPrompt,
     GenerationSettings,
-    PromptSelection,
     atomic_save_image,
     atomic_write_text,
     generate_images,
     generation_record,
     report_provenance,
-    select_prompts,
     write_run_file,
     write_sample_grid,
 )
-from unigendet.evaluation.harness import ShardSpec
+from unigendet.evaluation.prompts import EvalPrompt, PromptSelection, select_prompts
 from unigendet.metrics.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -146,7 +138,7 @@ def lpips_input(images: Sequence[Image.Image], size: int = LPIPS_SIZE) -> torch.
 
 @torch.no_grad()
 def intra_prompt_lpips(lpips_model, images: Sequence[Image.Image], size: int = LPIPS_SIZE) -> float:
-    """Mean LPIPS over all unordered pairs of one prompt's samples."""
+    """Mean LPIPS over all unordered pairs of one prompt's samples (higher = more diverse)."""
     pairs = pair_indices(len(images))
     if not pairs:
         raise ValueError("need at least 2 samples for a pairwise mean")
@@ -159,7 +151,8 @@ def intra_prompt_lpips(lpips_model, images: Sequence[Image.Image], size: int = L
 
 
 def intra_prompt_clip_similarity(embeddings: torch.Tensor) -> float:
-    """Mean cosine similarity over all unordered pairs of one prompt's normalised embeddings ``[K, D]``."""
+    """Mean cosine similarity over all unordered pairs of one prompt's normalised embeddings ``[K, D]``
+    (lower = more diverse)."""
     k = embeddings.shape[0]
     if k < 2:
         raise ValueError("need at least 2 samples for a pairwise mean")
@@ -201,7 +194,11 @@ def _samples_done(folder: Path, k: int) -> bool:
 
 def generate_diversity_images(generator, prompts: Sequence[EvalPrompt], out_dir: str | Path, samples: int,
                               settings: GenerationSettings, shard: ShardSpec = ShardSpec()) -> dict[str, int]:
-    """``samples`` images per prompt (sample k: seed ``settings.seed + k``) for this shard's unfinished prompts."""
+    """``samples`` images per prompt (sample k: seed ``settings.seed + k``) for this shard's unfinished prompts.
+
+    Layout: ``<out>/<i:05d>/samples/<k:05d>.png`` + ``<out>/<i:05d>/metadata.json``; a prompt whose files all
+    exist is skipped, so an interrupted run resumes where it stopped.
+    """
     if samples < 2:
         raise ValueError(f"diversity needs at least 2 samples per prompt, got {samples}")
     out = Path(out_dir)

@@ -19,8 +19,9 @@ from typing import Literal
 
 from unigendet.evaluation.benchmarks import Benchmark, load_fakeclue
 from unigendet.evaluation.detectors import as_image_detector
-from unigendet.evaluation.harness import error_summary, score_benchmark
+from unigendet.evaluation.harness import error_summary, require_scorable, score_benchmark
 from unigendet.evaluation.provenance import run_provenance, weights_fingerprint
+from unigendet.inference.detect import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED
 from unigendet.metrics import head_metrics, text_metrics, write_report
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ class FakeClueEvalConfig:
     name: str = "fakeclue"
     label_convention: Literal["fakeclue", "real0_fake1"] = "fakeclue"
     limit: int | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 256
-    seed: int = 42
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int = DEFAULT_SEED
     setting: str = "none"  # robustness perturbation (unigendet.evaluation.robustness)
     perturb_seed: int = 0
     shard: str | None = None  # "I/N"; default RANK/WORLD_SIZE, else the whole split
@@ -79,7 +80,7 @@ def job_identity(benchmark: str, detector, model_path) -> dict:
 
 
 def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None = None, decoding=None) -> dict | None:
-    """Evaluate ``detector`` (a ``unigendet.inference.detect.Detector`` or an
+    """Evaluate ``detector`` (a ``unigendet.inference.detect.UniGenDetDetector`` or an
     :class:`~unigendet.evaluation.detectors.ImageDetector`) on ``cfg``'s split; decoding is greedy (the
     official evaluation) unless ``decoding`` (a ``DecodingConfig``) says otherwise. Returns the metrics, or
     None when this process ran its shard and others are still missing (no report yet)."""
@@ -90,6 +91,7 @@ def run_fakeclue_eval(detector, cfg: FakeClueEvalConfig, model_path: str | None 
                           cfg.batch_size, cfg.shard, cfg.overwrite, cfg.gather_only)
     if run.outputs is None:
         return None
+    require_scorable(run.outputs, benchmark.invalid, f"FakeClue {cfg.json_path}")
     metrics = fakeclue_scores(benchmark, run.outputs)
     for err in metrics["errors"]["examples"]:
         logger.warning("skipped: %s", err)

@@ -1,35 +1,9 @@
-"""GenEval (design doc §6): prompt metadata, generation in GenEval's folder layout, the scoring rules, and the
-summary — the rules and summary re-implemented here from the official ``evaluate_images.py`` /
-``summary_scores.py`` (GenEval as copied by BAGEL / UniGenDet) and unit-tested on synthetic detections.
+"""GenEval text-image alignment: prompt metadata, image generation in GenEval's folder layout, the scoring
+rules and the summary, re-implemented from the official GenEval scripts (as BAGEL and UniGenDet ship them).
 
-Metadata: ``evaluation_metadata.jsonl`` (553 lines; short prompts) or ``evaluation_metadata_long.jsonl`` (same
-clauses, rewritten long prompts — the † rows of the paper). Each line: ``tag``, ``prompt``, ``include`` (list of
-``{class, count[, color][, position: [relation, include_index]]}``), optional ``exclude`` (``{class, count}``).
-Which file was used is recorded (``prompt_set``) because the official launcher's choice is easy to misread.
-
-Layout: ``<out>/<i:05d>/metadata.jsonl`` (the metadata object, one line) and ``<out>/<i:05d>/samples/<k:05d>.png``,
-4 images per prompt, official sampler settings; image ``k`` of prompt ``i`` uses seed ``seed + 4·i + k``.
-
-Scoring, per image (``RuleConfig`` defaults = the official options):
-
-* detections of each class: score ``> 0.3`` (``> 0.9`` for ``counting`` prompts), sorted by score, at most 16,
-  no NMS (official ``max_overlap = 1``);
-* every ``include`` clause: its class's top-``count`` detections; fewer than ``count`` fails. With ``color``, the
-  colour classifier labels those detections and fewer than ``count`` of the required colour fails. With
-  ``position: [relation, j]``, each of them must stand in ``relation`` to *every* object kept by include clause
-  ``j`` (which fails if clause ``j`` failed). Relation of A to B: centre offset A − B per axis, shrunk towards 0 by
-  ``0.1·(size_A + size_B)`` (clipped at 0), divided by the *raw* offset's length; dx < −0.5 left of, dx > 0.5 right
-  of, dy < −0.5 above, dy > 0.5 below (y grows downwards); a shrunk offset below 1e-3 on both axes has no relation;
-* every ``exclude`` clause fails when the class has ``≥ count`` kept detections.
-
-Summary: per tag the mean of ``correct`` over *images*; overall = unweighted mean of the six tag means, reported
-by tag name (single_object SO, two_object TO, counting CT, colors CL, position POS, color_attr ATTR).
-
-Backends (who produces detections and colours): parse an official GenEval ``results.jsonl`` (:func:`read_results`),
-or :class:`TransformersMask2FormerDetector` + :class:`ClipColorClassifier` from local directories — an
-**approximation**: a transformers Mask2Former COCO checkpoint instead of the official mmdet 2.x Swin-S one. The
-colour classifier is the official method (OpenAI CLIP ViT-L/14 zero-shot, 3 templates, #999 composite crops) on
-transformers instead of open_clip.
+Detections and colours come either from an official GenEval ``results.jsonl`` (:func:`read_results`) or from
+:class:`TransformersMask2FormerDetector` + :class:`ClipColorClassifier`, an **approximation** of the official
+mmdet detector whose reports say so.
 """
 
 from __future__ import annotations
@@ -41,13 +15,14 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from unigendet.evaluation.generation import (
+from unigendet.evaluation.harness import ShardSpec
+from unigendet.evaluation.image_generation import (
     SHARD_FREE_KEYS,
     GenerationSettings,
     atomic_save_image,
@@ -58,7 +33,6 @@ from unigendet.evaluation.generation import (
     write_run_file,
     write_sample_grid,
 )
-from unigendet.evaluation.harness import ShardSpec
 from unigendet.evaluation.provenance import run_provenance
 from unigendet.metrics.fid import file_sha256
 from unigendet.metrics.report import jsonable, write_report
@@ -114,7 +88,13 @@ def validate_metadata(entry: Any, where: str) -> dict:
 
 
 def load_geneval_metadata(path: str | Path) -> list[dict]:
-    """The metadata lines of a GenEval ``evaluation_metadata*.jsonl`` (blank lines ignored)."""
+    """The metadata lines of a GenEval ``evaluation_metadata*.jsonl`` (blank lines ignored).
+
+    ``evaluation_metadata.jsonl`` has 553 short prompts; ``evaluation_metadata_long.jsonl`` the same clauses with
+    rewritten long prompts (the paper's † rows). Each line: ``tag``, ``prompt``, ``include`` (a list of
+    ``{class, count[, color][, position: [relation, include_index]]}``) and an optional ``exclude`` list of
+    ``{class, count}``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GenEval metadata file not found: {path}")
@@ -150,7 +130,11 @@ def _geneval_done(folder: Path, samples: int) -> bool:
 
 def generate_geneval_images(generator, metadata: Sequence[dict], out_dir: str | Path, settings: GenerationSettings,
                             samples: int = SAMPLES_PER_PROMPT, shard: ShardSpec = ShardSpec()) -> dict[str, int]:
-    """This shard's unfinished prompts: ``samples`` images each, in GenEval's layout."""
+    """This shard's unfinished prompts: ``samples`` images each, in GenEval's layout.
+
+    Layout: ``<out>/<i:05d>/metadata.jsonl`` (the metadata object, one line) and
+    ``<out>/<i:05d>/samples/<k:05d>.png``; image ``k`` of prompt ``i`` uses seed ``seed + samples·i + k``.
+    """
     out = Path(out_dir)
     mine = [i for i in range(len(metadata)) if shard.owns(i)]
     todo = [i for i in mine if not _geneval_done(_prompt_folder(out, i), samples)]
@@ -171,7 +155,8 @@ def generate_geneval_images(generator, metadata: Sequence[dict], out_dir: str | 
 def run_geneval_generation(generator, metadata_file: str | Path, prompt_set: str, out_dir: str | Path,
                            settings: GenerationSettings, samples: int = SAMPLES_PER_PROMPT,
                            shard: ShardSpec = ShardSpec(), model_path: str | None = None) -> dict[str, int]:
-    """Generate GenEval images for ``metadata_file``; ``prompt_set`` ("short" / "long") names which file it is."""
+    """Generate GenEval images for ``metadata_file``; ``prompt_set`` ("short" / "long") names which file it is,
+    and is recorded because which file a launcher used is easy to misread."""
     if prompt_set not in PROMPT_SETS:
         raise ValueError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
     metadata = load_geneval_metadata(metadata_file)
@@ -212,6 +197,9 @@ class ColorClassifier(Protocol):
 
 @dataclass
 class RuleConfig:
+    """Scoring thresholds; the defaults are the official GenEval options (no NMS: the official overlap limit
+    is 1)."""
+
     threshold: float = 0.3
     counting_threshold: float = 0.9
     max_objects: int = 16
@@ -231,25 +219,47 @@ def select_detections(raw: Mapping[str, Sequence[Detection]], tag: str,
     return kept
 
 
+# Per axis: the relation that holds when A's centre lies on the negative / positive side of B's (rows grow downwards).
+_AXIS_RELATIONS = (("left of", "right of"), ("above", "below"))
+
+
+def _centre_and_extent(det: Detection) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Centre ``(x, y)`` and extent ``(width, height)`` of a detection's box."""
+    x1, y1, x2, y2 = (float(v) for v in det.box[:4])
+    return ((x1 + x2) / 2, (y1 + y2) / 2), (abs(x2 - x1), abs(y2 - y1))
+
+
+def _gap_beyond_margin(offset: float, margin: float) -> float:
+    """``offset`` moved ``margin`` towards zero, stopping at zero (the sign of ``offset`` is kept)."""
+    gap = max(abs(offset) - margin, 0.0)
+    return gap if offset >= 0 else -gap
+
+
 def relative_position(a: Detection, b: Detection, threshold: float = 0.1) -> set[str]:
-    """Relations of A to B ("left of", "right of", "above", "below"), accounting for the boxes' sizes."""
-    box_a, box_b = np.asarray(a.box[:4], dtype=np.float64), np.asarray(b.box[:4], dtype=np.float64)
-    centre_a, centre_b = (box_a[:2] + box_a[2:]) / 2, (box_b[:2] + box_b[2:]) / 2
-    size_a, size_b = np.abs(box_a[2:] - box_a[:2]), np.abs(box_b[2:] - box_b[:2])
-    offset = centre_a - centre_b
-    revised = np.maximum(np.abs(offset) - threshold * (size_a + size_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
+    """Which of "left of", "right of", "above", "below" hold for object A relative to object B.
+
+    On each axis, the offset of A's centre from B's is first moved towards zero by a margin of ``threshold``
+    times the sum of the two boxes' extents on that axis (width for x, height for y), never past zero: objects
+    whose centres are closer than that count as level on the axis. If both reduced offsets are under 1e-3,
+    no relation holds. Otherwise each reduced offset is divided by the distance between the two centres
+    (the offsets before reduction), and a relation holds where that ratio passes 0.5 in size: x below -0.5
+    is "left of", above 0.5 "right of"; y below -0.5 is "above", above 0.5 "below" (image rows grow
+    downwards). A clearly diagonal arrangement thus holds on both axes, a mostly horizontal one on x only.
+    """
+    centre_a, extent_a = _centre_and_extent(a)
+    centre_b, extent_b = _centre_and_extent(b)
+    offsets = [pa - pb for pa, pb in zip(centre_a, centre_b)]
+    gaps = [_gap_beyond_margin(off, threshold * (ea + eb)) for off, ea, eb in zip(offsets, extent_a, extent_b)]
+    if all(abs(gap) < 1e-3 for gap in gaps):
         return set()
-    dx, dy = revised / np.linalg.norm(offset)
+    distance = sum(off * off for off in offsets) ** 0.5
     relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
+    for gap, (negative_side, positive_side) in zip(gaps, _AXIS_RELATIONS):
+        ratio = gap / distance
+        if ratio < -0.5:
+            relations.add(negative_side)
+        elif ratio > 0.5:
+            relations.add(positive_side)
     return relations
 
 
@@ -270,7 +280,13 @@ def _position_failure(found: Sequence[Detection], targets: Sequence[Detection], 
 
 def evaluate_detections(image: Image.Image | None, objects: Mapping[str, Sequence[Detection]], metadata: Mapping,
                         colour: ColorClassifier | None = None, cfg: RuleConfig = RuleConfig()) -> tuple[bool, str]:
-    """(correct, reason) of one image's kept detections against its metadata (include AND-ed, exclude OR-ed)."""
+    """(correct, reason) of one image's kept detections against its metadata (include AND-ed, exclude OR-ed).
+
+    An ``include`` clause takes its class's top-``count`` detections and fails with fewer. With ``color``, fewer
+    than ``count`` of them classified as that colour fails. With ``position: [relation, j]``, each of them must
+    stand in ``relation`` (:func:`relative_position`) to every object kept by include clause ``j``, which must
+    itself have matched. An ``exclude`` clause fails when its class has at least ``count`` kept detections.
+    """
     correct = True
     reasons: list[str] = []
     matched_groups: list[list[Detection] | None] = []
@@ -380,7 +396,8 @@ def read_results(path: str | Path) -> list[dict]:
 
 
 def summarize(rows: Sequence[Mapping]) -> dict[str, Any]:
-    """Per-tag accuracy over images, the overall mean of the six tag means, and the official side counts."""
+    """Per-tag accuracy (mean of ``correct`` over images), the overall unweighted mean of the six tag means
+    (keyed by abbreviation: SO, TO, CT, CL, POS, ATTR) and the official side counts."""
     by_tag: dict[str, list[bool]] = {}
     by_prompt: dict[str, list[bool]] = {}
     for row in rows:
@@ -553,7 +570,9 @@ def object_crop(image: Image.Image, detection: Detection, background: str = "#99
 
 class ClipColorClassifier:
     """Zero-shot colour of each detection: CLIP image embedding of its grey-composited crop against, per colour, the
-    re-normalised mean of the normalised embeddings of the three templates (clip_benchmark's classifier)."""
+    re-normalised mean of the normalised embeddings of the three templates (clip_benchmark's classifier).
+
+    This is the official GenEval method (CLIP ViT-L/14), run on transformers instead of open_clip."""
 
     def __init__(self, clip, background: str = "#999"):
         self.clip = clip
@@ -583,3 +602,52 @@ class ClipColorClassifier:
         crops = [object_crop(image, d, self.background) for d in detections]
         logits = self.clip.image_embeddings(crops) @ self.classifier(classname).T
         return [COLORS[int(i)] for i in logits.argmax(dim=1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# GenEval job
+
+
+@dataclass
+class GenEvalConfig:
+    """A GenEval run over the images in ``gen_dir``. Generating needs ``metadata_file`` and ``prompt_set``;
+    scoring needs ``detector_dir`` and ``clip_dir`` and writes ``results`` (default
+    ``<out_dir>/<name>_results.jsonl``); summarising reads ``results`` (e.g. the official scorer's output)."""
+
+    gen_dir: str
+    metadata_file: str | None = None  # evaluation_metadata.jsonl (short) or evaluation_metadata_long.jsonl (long)
+    prompt_set: Literal["short", "long"] | None = None  # which of the two files metadata_file is
+    samples: int = SAMPLES_PER_PROMPT
+    detector_dir: str | None = None  # local transformers Mask2Former COCO-instance directory
+    clip_dir: str | None = None  # local transformers CLIP ViT-L/14 directory
+    results: str | None = None
+    out_dir: str | None = None  # report folder; default gen_dir
+    name: str = "geneval"
+    device: str | None = None  # scoring device; default cuda if available, else cpu
+    rules: RuleConfig = field(default_factory=RuleConfig)
+
+    def report_dir(self) -> str:
+        return self.out_dir or self.gen_dir
+
+
+def run_geneval_scoring(cfg: GenEvalConfig, model_path: str | None = None) -> dict[str, Any]:
+    """Score ``cfg.gen_dir`` with the approximate transformers backend, then write the report."""
+    from unigendet.inference.loading import resolve_device
+
+    device = resolve_device(cfg.device)
+    detector = TransformersMask2FormerDetector(cfg.detector_dir, device)
+    colour = ClipColorClassifier.from_pretrained(cfg.clip_dir, device)
+    results = cfg.results or str(Path(cfg.report_dir()) / f"{cfg.name}_results.jsonl")
+    rows = score_folder(cfg.gen_dir, detector, colour, results, cfg.rules, scorer=APPROXIMATE_SCORER)
+    report = GenEvalReportConfig(cfg.report_dir(), cfg.name, backend="transformers", results_file=results,
+                                 gen_dir=cfg.gen_dir, rules=cfg.rules,
+                                 backend_details={"detector_dir": cfg.detector_dir, "clip_dir": cfg.clip_dir})
+    return write_geneval_report(rows, report, model_path=model_path)
+
+
+def run_geneval_summary(cfg: GenEvalConfig, model_path: str | None = None) -> dict[str, Any]:
+    """The report of an existing results file ``cfg.results`` (official or ours)."""
+    rows = read_results(cfg.results)
+    report = GenEvalReportConfig(cfg.report_dir(), cfg.name, backend=results_backend(rows), results_file=cfg.results,
+                                 gen_dir=cfg.gen_dir)
+    return write_geneval_report(rows, report, model_path=model_path)

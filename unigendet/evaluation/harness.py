@@ -1,25 +1,6 @@
-"""Sharded, resumable scoring of :class:`~unigendet.evaluation.benchmarks.EvalRecord` lists.
-
-Layout of a job's work directory (one per benchmark run and robustness setting)::
-
-    <work_dir>/shard-00000-of-00002/job.json        fingerprint of the job (what changes the outputs)
-    <work_dir>/shard-00000-of-00002/outputs.jsonl   one JSON line per scored record, appended per batch
-    <work_dir>/shard-00000-of-00002/COMPLETE.json   written once every record of the shard is in outputs.jsonl
-
-Sharding: record ``i`` (position in the benchmark's record list, which the loaders sort) belongs to shard
-``i mod N``. The shard comes from ``--shard I/N`` or the launcher's ``RANK`` / ``WORLD_SIZE``.
-
-Resume: a re-run with the same settings skips shards with ``COMPLETE.json`` and, inside a shard, records
-already in ``outputs.jsonl``. Lines are flushed and fsynced per batch; a kill can leave a truncated last line,
-which is dropped (and cut from the file) on resume. The fingerprint in ``job.json`` names the benchmark's
-records, the detector's settings, the model weights' hash, the perturbation and the shard count: a re-run
-with anything different stops with :class:`JobMismatchError` instead of mixing outputs (``overwrite``
-discards such a shard's old outputs instead; outputs of the same job are always kept and resumed). The batch
-size is not part of it: detectors score each image independently of its batch.
-
-Unreadable images are written as records with an ``error`` and no score, so they are counted in the report
-and not retried on resume. :func:`gather` reads every shard (and fails with :class:`IncompleteJobError` while
-some are not complete) and returns the outputs in record order, so metrics do not depend on sharding.
+"""Sharded, resumable scoring of :class:`~unigendet.evaluation.benchmarks.EvalRecord` lists: each shard appends
+its records' outputs to its own file in the job's work directory, a re-run resumes where it stopped, and
+:func:`gather` returns every shard's outputs in record order, so metrics do not depend on sharding.
 """
 
 from __future__ import annotations
@@ -36,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unigendet.data.sources import BadSample, load_image_file
+from unigendet.data.images import load_image_file
+from unigendet.data.quality import BadSample
 from unigendet.evaluation.benchmarks import EvalRecord
-from unigendet.evaluation.detectors import DetectorOutput, ImageDetector
+from unigendet.evaluation.detectors import ImageDetector
 from unigendet.evaluation.robustness import parse_setting
+from unigendet.labels import DetectionResult
 from unigendet.metrics.report import jsonable
+from unigendet.utils.errors import RunError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +33,7 @@ OUTPUTS_FILE = "outputs.jsonl"
 COMPLETE_FILE = "COMPLETE.json"
 
 
-class HarnessError(RuntimeError):
+class HarnessError(RunError):
     """The work directory cannot be used as it is."""
 
 
@@ -61,12 +45,18 @@ class IncompleteJobError(HarnessError):
     """Some shards have not finished; the job cannot be gathered yet."""
 
 
+class NoScorableImagesError(RunError):
+    """Not one image of a benchmark could be scored, so every metric would be meaningless."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Shards
 
 
 @dataclass(frozen=True)
 class ShardSpec:
+    """Shard ``index`` of ``count``: it owns the positions ``i`` with ``i mod count == index``."""
+
     index: int = 0
     count: int = 1
 
@@ -185,7 +175,7 @@ def _check_fingerprint(shard_dir: Path, expected: dict[str, Any]) -> None:
 # Output lines
 
 
-def output_line(index: int, rec: EvalRecord, setting: str, out: DetectorOutput | None, error: str | None) -> dict:
+def output_line(index: int, rec: EvalRecord, setting: str, out: DetectionResult | None, error: str | None) -> dict:
     p_fake = None if out is None or not math.isfinite(out.p_fake) else float(out.p_fake)
     return {
         "index": index, "key": rec.key, "label": rec.label, "group": rec.group, "setting": setting,
@@ -244,13 +234,13 @@ def _load(rec: EvalRecord, job: JobSpec):
     return job.perturbation.apply(image, rec.key, job.perturb_seed), None
 
 
-def _score(detector: ImageDetector, images: list, questions: list) -> list[DetectorOutput | str]:
+def _score(detector: ImageDetector, images: list, questions: list) -> list[DetectionResult | str]:
     """Scores of a batch; when the detector rejects the batch (BadSample, e.g. an image too large for the
     context), images are retried one by one and the rejected ones become error strings."""
     try:
         outputs = detector.score(images, questions)
     except BadSample:
-        results: list[DetectorOutput | str] = []
+        results: list[DetectionResult | str] = []
         for image, question in zip(images, questions):
             try:
                 results += detector.score([image], [question])
@@ -286,7 +276,17 @@ def _prepare_shard_dir(shard_dir: Path, fingerprint: dict, overwrite: bool) -> N
 
 def run_shard(detector: ImageDetector, records: Sequence[EvalRecord], job: JobSpec, shard: ShardSpec,
               overwrite: bool = False) -> dict[str, Any]:
-    """Score this shard's records not yet in its outputs file; mark the shard complete. Returns a summary."""
+    """Score this shard's records not yet in its outputs file; mark the shard complete. Returns a summary.
+
+    Shard directory ``<work_dir>/shard-IIIII-of-NNNNN/`` holds ``job.json`` (the job's fingerprint),
+    ``outputs.jsonl`` (one JSON line per scored record, appended and fsynced per batch) and ``COMPLETE.json``
+    (written once every record of the shard is in the outputs). A complete shard is skipped; inside a shard,
+    records already in the outputs are; a truncated last line (a kill mid-write) is cut and recomputed.
+    The fingerprint names the records, the detector's settings, the weights' hash, the perturbation and the
+    shard count (not the batch size: detectors score each image independently of its batch); a shard written
+    with a different fingerprint raises :class:`JobMismatchError` unless ``overwrite`` discards it. Unreadable
+    images are written as records with an ``error`` and no score, so they are counted and not retried.
+    """
     fingerprint = job.fingerprint(records, shard.count)
     shard_dir = job.work_dir / shard.dirname
     _prepare_shard_dir(shard_dir, fingerprint, overwrite)
@@ -447,3 +447,15 @@ def error_summary(outputs: Sequence[dict], invalid: Sequence[str] = ()) -> dict[
     reasons = Counter(e.split(":", 1)[0] for e in skipped)
     return {"n_skipped": len(skipped), "n_errors": len(errors), "n_invalid_entries": len(invalid),
             "by_reason": dict(sorted(reasons.items())), "examples": skipped[:10]}
+
+
+def require_scorable(outputs: Sequence[dict], invalid: Sequence[str], what: str) -> None:
+    """NoScorableImagesError unless at least one output was scored: a report of a benchmark nobody could
+    score would print zeros that look like results."""
+    if any(o.get("error") is None for o in outputs):
+        return
+    summary = error_summary(outputs, invalid)
+    raise NoScorableImagesError(
+        f"{what}: nothing to score: {summary['n_errors']} of {len(outputs)} images failed "
+        f"({summary['by_reason']}), {summary['n_invalid_entries']} invalid entries, e.g. {summary['examples'][:3]}; "
+        "no report written")

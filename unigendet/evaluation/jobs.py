@@ -1,10 +1,14 @@
-"""Cross-dataset detection jobs (DMimage, ARForensics) and the robustness job (any benchmark, metrics per
-JPEG / crop setting in one table). Scoring goes through the sharded, resumable harness; reports are JSON +
-Markdown + PNG (per-generator accuracy bars, ROC of the head, robustness curves) with provenance.
+"""Cross-dataset detection jobs (DMimage, ARForensics, and the image-folder layouts GenImage, UniversalFakeDetect,
+DRCT-2M, DeepfakeBench) and the robustness job (any benchmark, metrics per JPEG / crop setting in one table).
+Scoring goes through the sharded, resumable harness; reports are JSON + Markdown + PNG (per-group accuracy bars,
+ROC of the head, robustness curves) with provenance.
 
-Both cross-dataset benchmarks are scored twice from the same outputs: from the detection head's p(fake)
-(threshold 0.5) and from the verdict parsed from the explanation (``text``: unparsed excluded and counted;
-``text_unparsed_as_wrong``). A detector without explanations gets the head section only.
+DMimage is scored as its paper table (Real/Fake/Overall Acc and F1, per generator against all reals); every other
+benchmark per group (ARForensics / GenImage / DRCT-2M generator, UFD subset, DeepfakeBench dataset): Acc, real
+and fake Acc, AUC and AP per group, and the unweighted mean over groups. Each is scored twice from the same
+outputs: from the detection head's p(fake) (threshold 0.5) and from the verdict parsed from the explanation
+(``text``: unparsed excluded and counted; ``text_unparsed_as_wrong``). A detector without explanations gets the
+head section only.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from unigendet.evaluation.benchmarks import Benchmark, load_arforensics, load_dmimage
+from unigendet.config.loader import ConfigError
+from unigendet.evaluation.benchmarks import (
+    Benchmark,
+    load_arforensics,
+    load_deepfakebench,
+    load_dmimage,
+    load_drct2m,
+    load_genimage,
+    load_ufd,
+)
 from unigendet.evaluation.detectors import as_image_detector
 from unigendet.evaluation.fakeclue import (
     FakeClueEvalConfig,
@@ -25,9 +38,16 @@ from unigendet.evaluation.fakeclue import (
     job_identity,
     load_fakeclue_benchmark,
 )
-from unigendet.evaluation.harness import ScoredRun, error_summary, score_benchmark
+from unigendet.evaluation.harness import (
+    NoScorableImagesError,
+    ScoredRun,
+    error_summary,
+    require_scorable,
+    score_benchmark,
+)
 from unigendet.evaluation.provenance import run_provenance
 from unigendet.evaluation.robustness import PAPER_SETTINGS, parse_setting
+from unigendet.inference.detect import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SEED
 from unigendet.metrics.detection import (
     SIX_KEYS,
     arforensics_metrics,
@@ -46,20 +66,45 @@ logger = logging.getLogger(__name__)
 MODES = ("head", "text", "text_unparsed_as_wrong")
 
 
+DETECTION_BENCHMARKS = ("dmimage", "arforensics", "genimage", "ufd", "drct2m", "deepfakebench")
+# The split each layout benchmark is scored on by default (its test set), and the splits it has.
+LAYOUT_SPLITS = {"genimage": ("val", ("train", "val")), "ufd": ("test", ("train", "val", "test")),
+                 "drct2m": ("val", ("train", "val")), "deepfakebench": ("test", ("train", "val", "test"))}
+# Keys only some benchmarks read; setting one for another benchmark is an error.
+_ONLY_FOR = {"split": tuple(LAYOUT_SPLITS), "real_root": ("drct2m",), "pair_reals": ("drct2m",),
+             "json_path": ("deepfakebench",), "compression": ("deepfakebench",),
+             "frames_per_video": ("deepfakebench",)}
+
+
 @dataclass
 class DetectionEvalConfig:
-    """A DMimage or ARForensics run. ``root``: the DMimage test directory, or the ARForensics root (or its
-    ``test`` directory). ``question``: asked about every image (None: the detector's default)."""
+    """A run of one image-folder benchmark (``benchmark``), with its labels as the benchmark's loader states them
+    (:mod:`unigendet.evaluation.benchmarks`).
 
-    benchmark: Literal["dmimage", "arforensics"]
+    ``root``: the DMimage test directory; the ARForensics root (or its ``test`` directory); the GenImage root
+    (``<generator>/{train,val}/{ai,nature}``); the UniversalFakeDetect root (holding ``test/``, or the test folder);
+    the DRCT-2M root (``MSCOCO/`` + ``DRCT-2M/<generator>/``); DeepfakeBench's frames root (with ``json_path``, the
+    dataset JSON or a folder of them). ``groups`` restricts the benchmark to some of its groups (ARForensics,
+    GenImage and DRCT-2M generators, UFD subsets, DeepfakeBench datasets). ``split`` (layouts only): default the
+    benchmark's test split (GenImage / DRCT-2M ``val``, UFD / DeepfakeBench ``test``). ``question``: asked about
+    every image (None: the detector's default). A key that the benchmark does not read must stay unset.
+    """
+
+    benchmark: Literal["dmimage", "arforensics", "genimage", "ufd", "drct2m", "deepfakebench"]
     root: str
     out_dir: str = "runs/eval"
     name: str | None = None  # report stem; default the benchmark name
-    generators: list[str] | None = None  # ARForensics: restrict to these generator folders
-    limit_per_group: int | None = None  # first N images per folder (per class folder for ARForensics)
-    batch_size: int = 8
-    max_new_tokens: int = 256
-    seed: int = 42
+    groups: list[str] | None = None  # score only these groups (not DMimage, whose folders are all scored)
+    limit_per_group: int | None = None  # first N images per folder (per class folder / per label for layouts)
+    split: str | None = None  # layouts: train / val / test (default the benchmark's test split)
+    real_root: str | None = None  # DRCT-2M: the folder holding MSCOCO/ when it is not under root
+    pair_reals: bool | None = None  # DRCT-2M: every generator scored against all reals (default true)
+    json_path: str | None = None  # DeepfakeBench: the dataset JSON (or a folder of <dataset>.json files)
+    compression: str | None = None  # DeepfakeBench: FaceForensics++ compression level (default c23)
+    frames_per_video: int | None = None  # DeepfakeBench: frames spread evenly over each video (default all)
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    seed: int = DEFAULT_SEED
     question: str | None = None
     setting: str = "none"
     perturb_seed: int = 0
@@ -68,16 +113,46 @@ class DetectionEvalConfig:
     gather_only: bool = False
 
     def __post_init__(self) -> None:
-        if self.benchmark not in ("dmimage", "arforensics"):
-            raise ValueError(f"benchmark must be 'dmimage' or 'arforensics', got {self.benchmark!r}")
+        if self.benchmark not in DETECTION_BENCHMARKS:
+            raise ValueError(f"benchmark must be one of {list(DETECTION_BENCHMARKS)}, got {self.benchmark!r}")
+        for key, benchmarks in _ONLY_FOR.items():
+            if getattr(self, key) is not None and self.benchmark not in benchmarks:
+                raise ValueError(f"{key} applies to {' / '.join(benchmarks)} only, not {self.benchmark}")
+        if self.groups is not None and self.benchmark == "dmimage":
+            raise ValueError("groups: DMimage scores every source folder of root (no group selection)")
+        if self.benchmark in LAYOUT_SPLITS:
+            default, known = LAYOUT_SPLITS[self.benchmark]
+            self.split = self.split or default
+            if self.split not in known:
+                raise ValueError(f"split {self.split!r}: {self.benchmark} has {list(known)}")
         self.name = self.name or self.benchmark
+
+    def validate(self) -> None:
+        if self.benchmark == "deepfakebench" and self.json_path is None:
+            raise ConfigError("json_path is required for deepfakebench (the dataset JSON; --json-path)")
+
+    def input_paths(self, at: str) -> dict[str, str | None]:
+        """The files and folders this run reads, by dotted key under ``at``."""
+        return {f"{at}.root": self.root, f"{at}.real_root": self.real_root, f"{at}.json_path": self.json_path}
 
 
 def load_detection_benchmark(cfg: DetectionEvalConfig) -> Benchmark:
+    """The records ``cfg`` scores (its benchmark, split, groups and limit), with ``cfg.question`` set."""
+    limit = cfg.limit_per_group
     if cfg.benchmark == "dmimage":
-        benchmark = load_dmimage(cfg.root, cfg.limit_per_group)
+        benchmark = load_dmimage(cfg.root, limit)
+    elif cfg.benchmark == "arforensics":
+        benchmark = load_arforensics(cfg.root, cfg.groups, limit)
+    elif cfg.benchmark == "genimage":
+        benchmark = load_genimage(cfg.root, cfg.groups, cfg.split, limit)
+    elif cfg.benchmark == "ufd":
+        benchmark = load_ufd(cfg.root, cfg.groups, cfg.split, limit)
+    elif cfg.benchmark == "drct2m":
+        benchmark = load_drct2m(cfg.root, cfg.groups, cfg.split, limit, real_root=cfg.real_root,
+                                pair_reals=cfg.pair_reals is not False)
     else:
-        benchmark = load_arforensics(cfg.root, cfg.generators, cfg.limit_per_group)
+        benchmark = load_deepfakebench(cfg.json_path, cfg.root, cfg.groups, cfg.split, limit,
+                                       compression=cfg.compression or "c23", frames_per_video=cfg.frames_per_video)
     if cfg.question is not None:
         benchmark.records = [dataclasses.replace(r, question=cfg.question) for r in benchmark.records]
     return benchmark
@@ -108,7 +183,7 @@ def detection_scores(benchmark: Benchmark, outputs: list[dict]) -> dict:
     metrics["errors"] = error_summary(outputs, benchmark.invalid)
     if not any(mode in metrics for mode in MODES):
         failed = f"{len(outputs) - len(ok)} of {len(outputs)} images failed: {metrics['errors']['by_reason']}"
-        raise ValueError(f"{benchmark.name}: nothing to score: no output has a p_fake or a text ({failed})")
+        raise NoScorableImagesError(f"{benchmark.name}: nothing to score: no output has a p_fake or a text ({failed})")
     return metrics
 
 
@@ -156,21 +231,39 @@ def dmimage_tables(metrics: dict) -> list[str]:
     return tables
 
 
-def arforensics_tables(metrics: dict) -> list[str]:
+# How the reports name each per-group benchmark and its groups.
+BENCHMARK_TITLES = {"arforensics": "ARForensics", "genimage": "GenImage", "ufd": "UniversalFakeDetect",
+                    "drct2m": "DRCT-2M", "deepfakebench": "DeepfakeBench"}
+GROUP_NOUNS = {"ufd": "subset", "deepfakebench": "dataset"}
+
+
+def group_noun(benchmark: str) -> str:
+    """What one group of ``benchmark`` is: a generator (default), a UFD subset or a DeepfakeBench dataset."""
+    return GROUP_NOUNS.get(benchmark, "generator")
+
+
+def group_tables(benchmark: str, metrics: dict) -> list[str]:
+    """Per-group benchmarks: accuracy per group and the mean (one row per mode), then Acc, real / fake Acc,
+    AUC and AP per group for each mode, with their unweighted means."""
     modes = _modes(metrics)
     if not modes:
         return []
-    generators = metrics[modes[0]]["generators"]
-    header = ["mode", *generators, "Mean"]
-    rows = [[mode, *(metrics[mode]["per_generator"][g]["acc"] for g in generators), metrics[mode]["mean_acc"]]
+    noun = group_noun(benchmark)
+    groups = metrics[modes[0]]["generators"]
+    header = ["mode", *groups, "Mean"]
+    rows = [[mode, *(metrics[mode]["per_generator"][g]["acc"] for g in groups), metrics[mode]["mean_acc"]]
             for mode in modes]
-    tables = [markdown_table(header, rows, ["mode", *(["acc"] * len(generators)), "mean_acc"],
-                             title="ARForensics accuracy (paper layout)")]
+    title = ("ARForensics accuracy (paper layout)" if benchmark == "arforensics"
+             else f"{BENCHMARK_TITLES[benchmark]} accuracy per {noun}")
+    tables = [markdown_table(header, rows, ["mode", *(["acc"] * len(groups)), "mean_acc"], title=title)]
     detail_keys = ["acc", "real_acc", "fake_acc", "auc", "ap", "n", "n_unparsed"]
+    mean_keys = {"acc": "mean_acc", "auc": "mean_auc", "ap": "mean_ap"}
     for mode in modes:
-        rows = [[g, *(metrics[mode]["per_generator"][g].get(k, math.nan) for k in detail_keys)] for g in generators]
-        tables.append(markdown_table(["generator", "Acc", "Real Acc", "Fake Acc", "AUC", "AP", "n", "unparsed"], rows,
-                                     ["generator", *detail_keys], title=f"{mode}: per generator"))
+        rows = [[g, *(metrics[mode]["per_generator"][g].get(k, math.nan) for k in detail_keys)] for g in groups]
+        rows.append(["**mean**", *(metrics[mode].get(mean_keys[k], math.nan) if k in mean_keys else ""
+                                   for k in detail_keys)])
+        tables.append(markdown_table([noun, "Acc", "Real Acc", "Fake Acc", "AUC", "AP", "n", "unparsed"], rows,
+                                     [noun, *detail_keys], title=f"{mode}: per {noun}"))
     return tables
 
 
@@ -190,7 +283,7 @@ def _bar_charts(out_dir: Path, name: str, benchmark: str, metrics: dict) -> dict
         else:
             values = {g: v["acc"] for g, v in metrics[mode]["per_generator"].items()}
             mean = metrics[mode]["mean_acc"]
-            title = f"{name} ({mode}): accuracy per generator"
+            title = f"{name} ({mode}): accuracy per {group_noun(benchmark)}"
         path = out_dir / f"{name}_{mode}_per_generator.png"
         figures[f"per-generator accuracy ({mode})"] = bar_chart_png(path, values, title, mean=mean, colors=colors)
     return figures
@@ -236,20 +329,21 @@ def _provenance(cfg, decoding, model_path, scorer, extra: dict, drop: tuple[str,
 
 def run_detection_eval(detector, cfg: DetectionEvalConfig, model_path: str | None = None,
                        decoding=None) -> dict | None:
-    """DMimage / ARForensics job: score (this shard), gather, write ``<out_dir>/<name>.{json,md}`` + PNGs.
-    Returns the metrics, or None while other shards are still missing."""
+    """One detection benchmark (``cfg.benchmark``): score (this shard), gather, write ``<out_dir>/<name>.{json,md}``
+    + PNGs. Returns the metrics, or None while other shards are still missing."""
     benchmark = load_detection_benchmark(cfg)
     scorer, identity = _scorer_and_identity(detector, cfg, decoding, model_path, cfg.benchmark)
     run = _score(scorer, identity, benchmark, cfg, cfg.setting)
     if run.outputs is None:
         return None
+    require_scorable(run.outputs, benchmark.invalid, f"{cfg.benchmark} {cfg.root}")
     metrics = detection_scores(benchmark, run.outputs)
     if metrics["errors"]["n_skipped"]:
         logger.warning("%d image(s) could not be scored: %s", metrics["errors"]["n_skipped"],
                        metrics["errors"]["by_reason"])
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = dmimage_tables(metrics) if cfg.benchmark == "dmimage" else arforensics_tables(metrics)
+    tables = dmimage_tables(metrics) if cfg.benchmark == "dmimage" else group_tables(cfg.benchmark, metrics)
     provenance = _provenance(cfg, decoding, model_path, scorer,
                              {"dataset": benchmark.summary(), "job": run.fingerprint})
     paths = write_report(out_dir, cfg.name, metrics, provenance, **_roc_inputs(run.outputs), tables=tables,
@@ -261,7 +355,7 @@ def run_detection_eval(detector, cfg: DetectionEvalConfig, model_path: str | Non
 
 @dataclass
 class RobustnessConfig:
-    """Robustness run: ``base`` (a FakeClue or DMimage/ARForensics config; its ``setting`` is ignored) scored
+    """Robustness run: ``base`` (a FakeClue or detection benchmark config; its ``setting`` is ignored) scored
     under every setting of ``settings``; one report ``<base.out_dir>/<name>``."""
 
     base: FakeClueEvalConfig | DetectionEvalConfig
@@ -274,14 +368,21 @@ class RobustnessConfig:
             raise ValueError("robustness needs at least one setting")
         if len(set(self.settings)) != len(self.settings):
             raise ValueError(f"duplicate robustness settings in {self.settings}")
-        self.name = self.name or f"robustness_{_benchmark_name(self.base)}"
+        self.name = self.name or f"robustness_{benchmark_name(self.base)}"
 
 
-def _benchmark_name(cfg) -> str:
+def benchmark_name(cfg: FakeClueEvalConfig | DetectionEvalConfig) -> str:
+    """The benchmark a FakeClue or detection config scores."""
     return "fakeclue" if isinstance(cfg, FakeClueEvalConfig) else cfg.benchmark
 
 
-def _setting_metrics(benchmark: Benchmark, outputs: list[dict]) -> dict:
+def load_benchmark(cfg: FakeClueEvalConfig | DetectionEvalConfig) -> Benchmark:
+    """The records a FakeClue or detection config scores."""
+    return load_fakeclue_benchmark(cfg) if isinstance(cfg, FakeClueEvalConfig) else load_detection_benchmark(cfg)
+
+
+def benchmark_metrics(benchmark: Benchmark, outputs: list[dict]) -> dict:
+    """The metrics of one scored run of ``benchmark``: the FakeClue protocol, or the detection modes."""
     if benchmark.name == "fakeclue":
         return fakeclue_scores(benchmark, outputs)
     return detection_scores(benchmark, outputs)
@@ -317,13 +418,15 @@ def run_robustness_eval(detector, cfg: RobustnessConfig, model_path: str | None 
     report: the metrics per setting, a table (one row per setting) and robustness curves. Returns
     ``{setting: metrics}``, or None while some shard of some setting is missing."""
     base = cfg.base
-    kind = _benchmark_name(base)
-    benchmark = load_fakeclue_benchmark(base) if kind == "fakeclue" else load_detection_benchmark(base)
+    kind = benchmark_name(base)
+    benchmark = load_benchmark(base)
     scorer, identity = _scorer_and_identity(detector, base, decoding, model_path, kind)
     runs = {setting: _score(scorer, identity, benchmark, base, setting) for setting in cfg.settings}
     if any(run.outputs is None for run in runs.values()):
         return None
-    per_setting = {setting: _setting_metrics(benchmark, run.outputs) for setting, run in runs.items()}
+    for setting, run in runs.items():
+        require_scorable(run.outputs, benchmark.invalid, f"robustness {kind} ({setting})")
+    per_setting = {setting: benchmark_metrics(benchmark, run.outputs) for setting, run in runs.items()}
     table = {setting: _setting_summary(kind, m) for setting, m in per_setting.items()}
     columns = list(dict.fromkeys(k for row in table.values() for k in row))
     rows = [[setting, *(row.get(k, math.nan) for k in columns)] for setting, row in table.items()]

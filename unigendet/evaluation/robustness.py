@@ -1,19 +1,9 @@
-"""Robustness perturbations (paper Appendix C; procedure of the D³QE code, ``evaluation-protocols.md`` §4).
+"""Robustness perturbations (JPEG re-compression, random crop) applied to a decoded RGB image before any model
+preprocessing, following the D³QE code since UniGenDet releases none. The robustness job itself is
+:func:`unigendet.evaluation.jobs.run_robustness_eval`.
 
-Applied to the decoded RGB image **before** any model preprocessing:
-
-* ``jpegQ`` — encode in memory with PIL ``save(format="jpeg", quality=Q)`` (PIL defaults otherwise, including
-  4:2:0 chroma subsampling) and decode back to RGB.
-* ``cropR`` — a **random** crop of ``int(h·R) × int(w·R)`` pixels at a uniformly random top-left corner, resized
-  back to the original ``(w, h)`` with nearest-neighbour. D³QE passes ``(h, w)`` to ``cv2.resize`` (which reads
-  it as width, height), so its non-square images come back transposed; that quirk is **not** reproduced.
-* ``none`` — the image unchanged.
-
-Determinism: the crop position of an image depends only on the base seed, the setting name and the image's
-record key (:func:`perturbation_seed`), never on batch order, sharding or how many images came before, so
-every shard and every resumed run perturbs an image identically. JPEG is deterministic by itself.
-
-The robustness *job* (metrics per setting in one table) is :func:`unigendet.evaluation.jobs.run_robustness_eval`.
+A crop's position depends only on the base seed, the setting name and the image's record key, so every shard
+and every resumed run perturbs an image identically.
 """
 
 from __future__ import annotations
@@ -26,6 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+# The settings the UniGenDet paper reports (D³QE sweeps more).
 PAPER_SETTINGS = ("none", "jpeg90", "jpeg70", "jpeg50", "crop0.9", "crop0.7", "crop0.5")
 _SETTING = re.compile(r"^(?:(none)|jpeg(\d+)|crop(\d*\.?\d+))$")
 
@@ -79,7 +70,8 @@ def perturbation_seed(base_seed: int, setting: str, key: str) -> int:
 
 
 def jpeg_compress(image: Image.Image, quality: int) -> Image.Image:
-    """JPEG round trip in memory with PIL at ``quality`` (other encoder options PIL's defaults)."""
+    """JPEG round trip in memory with PIL at ``quality`` (other encoder options PIL's defaults, including 4:2:0
+    chroma subsampling)."""
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="jpeg", quality=int(quality))
     buffer.seek(0)
@@ -89,7 +81,11 @@ def jpeg_compress(image: Image.Image, quality: int) -> Image.Image:
 
 def random_crop_resize(image: Image.Image, ratio: float, rng: random.Random) -> Image.Image:
     """Crop ``int(h·ratio) × int(w·ratio)`` (at least 1 px) at a uniform random top-left, then resize back to
-    the original ``(w, h)`` with nearest-neighbour."""
+    the original ``(w, h)`` with nearest-neighbour.
+
+    D³QE passes ``(h, w)`` to ``cv2.resize``, which reads it as width, height, so its non-square images come
+    back transposed; that quirk is not reproduced.
+    """
     width, height = image.size
     crop_h, crop_w = max(1, int(height * ratio)), max(1, int(width * ratio))
     top = rng.randint(0, height - crop_h)

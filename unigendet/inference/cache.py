@@ -1,22 +1,4 @@
-"""Key/value cache for incremental (cached) inference over a batch of sequences.
-
-Layout: per decoder layer one key and one value tensor ``[B, H_kv, C, D]`` (model dtype), a padded
-"static" layout with per-sequence ``lengths`` (cached tokens) and ``rope`` (next RoPE position id).
-``C`` is the capacity, shared by the batch; it grows geometrically (doubling, zero-filled), so
-appending a block is an in-place write, not a rebuild of the whole cache (the reference's
-``NaiveCache`` re-scatters everything on every update). The layout is what SDPA reads directly:
-a query block of sequence ``b`` attends to ``keys[b, :, :lengths[b]]`` plus its own keys, which the
-engine writes into the slots just after ``lengths[b]``.
-
-Writing a block's keys does not make them part of the context: only ``advance`` (a *commit*) moves
-``lengths``. A block that is not committed (an image being denoised) leaves scratch values beyond
-``lengths`` that the next write overwrites; reads never look past ``lengths`` for cached context.
-Unused slots are always finite (zero-filled at allocation, later only overwritten with real keys):
-a masked-out slot gets softmax weight 0, and 0 x NaN would poison the output.
-
-Sequences are independent rows: ``select`` (reorder, subset, repeat) and ``cat`` build new caches
-(copies) for classifier-free-guidance branches or to drop finished sequences; ``clone`` forks a state.
-"""
+"""Key/value cache for incremental (cached) inference over a batch of sequences."""
 
 from __future__ import annotations
 
@@ -26,6 +8,26 @@ import torch
 
 
 class KVCache:
+    """Key/value cache of a batch of sequences.
+
+    Layout: per decoder layer one key and one value tensor ``[B, H_kv, C, D]`` (model dtype), a padded
+    "static" layout with per-sequence ``lengths`` (cached tokens) and ``rope`` (next RoPE position id).
+    ``C`` is the capacity, shared by the batch; it grows geometrically (doubling, zero-filled), so
+    appending a block is an in-place write, not a rebuild of the whole cache (the reference's
+    ``NaiveCache`` re-scatters everything on every update). The layout is what SDPA reads directly:
+    a query block of sequence ``b`` attends to ``keys[b, :, :lengths[b]]`` plus its own keys, which
+    :class:`~unigendet.inference.cached_forward.CachedForward` writes into the slots just after ``lengths[b]``.
+
+    Writing a block's keys does not make them part of the context: only ``advance`` (a *commit*) moves
+    ``lengths``. A block that is not committed (an image being denoised) leaves scratch values beyond
+    ``lengths`` that the next write overwrites; reads never look past ``lengths`` for cached context.
+    Unused slots are always finite (zero-filled at allocation, later only overwritten with real keys):
+    a masked-out slot gets softmax weight 0, and 0 x NaN would poison the output.
+
+    Sequences are independent rows: ``select`` (reorder, subset, repeat) and ``cat`` build new caches
+    (copies) for classifier-free-guidance branches or to drop finished sequences; ``clone`` forks a state.
+    """
+
     def __init__(
         self,
         keys: list[torch.Tensor],
@@ -40,7 +42,7 @@ class KVCache:
             raise ValueError(f"lengths/rope must be [{batch}], got {tuple(lengths.shape)} / {tuple(rope.shape)}")
         self.keys = keys
         self.values = values
-        # Bookkeeping stays on the CPU (Python decides shapes from it); the engine copies it to the device.
+        # Bookkeeping stays on the CPU (Python decides shapes from it); the cached forward copies it to the device.
         self.lengths = lengths.to("cpu", torch.long)
         self.rope = rope.to("cpu", torch.long)
 

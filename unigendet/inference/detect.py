@@ -1,12 +1,12 @@
 """Detection with explanation: image(s) -> real/fake (detection head) + generated explanation.
 
-Context per image = the SMSA training layout (reference §7.4), built by the training encoder
-(:class:`~unigendet.data.sources.SampleEncoder`) so inference sees exactly what training saw:
+Context per image = the SMSA layout UniGenDet trains on, built by the training encoder
+(:class:`~unigendet.data.encoding.SampleEncoder`) so inference sees exactly what training saw:
 
     clean VAE block (RoPE 0) -> ViT block (RoPE 1) -> question ``<|im_start|> q <|im_end|>``
 
 Decoding then starts with the answer's ``<|im_start|>``; at that step (step 0) the detection head
-reads the final-normed hidden state, the position it was trained on (§7.2), and the LM head
+reads the final-normed hidden state, the position it was trained on, and the LM head
 predicts the first answer token. Every image of a batch is decoded together and stops on its own
 ``<|im_end|>`` (or ``max_new_tokens``); finished sequences leave the batch.
 
@@ -34,32 +34,37 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
-from unigendet.data.packing import LABEL_REAL, PlanItem, TextItem, VAEImage
-from unigendet.data.sources import IMAGE_TAG, SampleEncoder
-from unigendet.data.synthetic import pack_geometry
+from unigendet.config.loader import ConfigError, from_dict, load_yaml
+from unigendet.data.encoding import IMAGE_TAG, SampleEncoder
+from unigendet.data.images import to_rgb
+from unigendet.data.packing import PlanItem, TextItem, VAEImage
 from unigendet.data.tokenizer import special_token_ids
 from unigendet.data.transforms import (
     ImageTransform,
     patchify_latent,
-    pil_to_rgb,
     vae_transform,
     vit_transform,
 )
-from unigendet.inference.engine import InferenceEngine
-from unigendet.losses.core import fake_probability
-from unigendet.metrics.fakeclue import parse_verdict
+from unigendet.inference.cached_forward import CachedForward
+from unigendet.labels import LABEL_REAL, DetectionResult, parse_verdict
+from unigendet.models.bridges import fake_probability
+from unigendet.models.config import pack_geometry
 
 logger = logging.getLogger(__name__)
 
 # The demo's FakeClue question (text after ``<image>``, leading newline kept as in training).
 DEFAULT_QUESTION = "\nIs this image real or fake? Explain your reasoning."
+# Explanation length limit and base seed of a detection run, unless the caller says otherwise.
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_SEED = 42
+DEFAULT_BATCH_SIZE = 8  # images decoded together (results do not depend on it)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,6 +84,9 @@ class DecodingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0:
@@ -171,24 +179,50 @@ def default_transforms(config) -> tuple[ImageTransform, ImageTransform]:
     return vit, vae
 
 
-def transforms_from_run_config(directory: str | Path) -> tuple[ImageTransform, ImageTransform, bool] | None:
-    """(ViT transform, VAE transform, smsa) from the ``train_config.yaml`` a training run exports next
-    to its model, or None when the directory has none."""
-    import yaml
+Posterior = Literal["sample", "mean"]
 
-    path = Path(directory) / "train_config.yaml"
-    if not path.is_file():
-        return None
-    data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
+# The resolved training config a run exports next to its model.
+RUN_CONFIG_NAME = "train_config.yaml"
+# What the detector takes from the run config's ``data`` section: how training turned images into samples.
+RUN_PREPROCESSING_KEYS = ("vit_transform", "vae_transform", "smsa")
 
-    def build(key: str) -> ImageTransform | None:
-        t = data.get(key)
-        return ImageTransform(t["max_size"], t["min_size"], t["stride"], t["max_pixels"]) if t else None
 
-    vit, vae = build("vit_transform"), build("vae_transform")
-    if vit is None or vae is None:
-        return None
-    return vit, vae, bool(data.get("smsa", True))
+@dataclass
+class DetectorPreprocessing:
+    """How the detector turns an image into the model's context.
+
+    ``vit_transform`` / ``vae_transform``: None means :func:`default_transforms` for the model;
+    ``smsa``: the clean VAE block precedes the ViT block (the layout trained with ``data.smsa``);
+    ``posterior``: the VAE latent of the context is a posterior sample or its mean;
+    ``pre_resize_vae``: resize the image with the VAE rule before both transforms (the reference evaluation).
+    """
+
+    vit_transform: ImageTransform | None = None
+    vae_transform: ImageTransform | None = None
+    smsa: bool = True
+    posterior: Posterior = "sample"
+    pre_resize_vae: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.posterior not in ("sample", "mean"):
+            raise ValueError(f"posterior must be 'sample' or 'mean', got {self.posterior!r}")
+
+    @classmethod
+    def from_run(cls, directory: str | Path) -> DetectorPreprocessing | None:
+        """The transforms and SMSA setting of the training run that exported ``directory`` (the ``data``
+        section of its ``train_config.yaml``, read with the typed config loader); None when there is no
+        such file. The other fields keep their defaults."""
+        path = Path(directory) / RUN_CONFIG_NAME
+        if not path.is_file():
+            return None
+        data = load_yaml(path).get("data") or {}
+        try:
+            return from_dict(cls, {key: data[key] for key in RUN_PREPROCESSING_KEYS if key in data})
+        except (ConfigError, ValueError) as err:
+            raise ConfigError(f"{path}: data.{err}") from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,57 +237,52 @@ def image_seed(seed: int, image: Image.Image) -> int:
     return int.from_bytes(digest.digest()[:8], "big") & (2**63 - 1)
 
 
-@dataclass
-class DetectionResult:
-    label: str  # "real" | "fake" from the detection head (from the text if the model has no head)
-    p_fake: float  # head p(fake) at the answer's <|im_start|> (decode step 0); nan without a head
-    text: str  # generated explanation (up to, excluding, <|im_end|>)
-    text_label: str | None  # "real" / "fake" parsed from the text (FakeClue rule), None if unparsable
-    token_ids: list[int] = field(default_factory=list)
-    stopped: bool = False  # True if <|im_end|> was generated before max_new_tokens
+class UniGenDetDetector:
+    """``UniGenDetDetector(model, vae, tokenizer).detect(images)`` -> one
+    :class:`~unigendet.labels.DetectionResult` per image (head p(fake) and generated explanation).
 
-
-class Detector:
-    """``Detector(model, vae, tokenizer).detect(images)`` -> one :class:`DetectionResult` per image."""
+    ``threshold``: the head says "fake" when p(fake) >= threshold."""
 
     def __init__(
         self,
         model,
         vae,
         tokenizer,
-        vit_transform: ImageTransform | None = None,
-        vae_transform: ImageTransform | None = None,
-        smsa: bool = True,
-        posterior: Literal["sample", "mean"] = "sample",
-        pre_resize_vae: bool = False,
+        preprocessing: DetectorPreprocessing | None = None,
         threshold: float = 0.5,
         max_tokens_per_sample: int = 65536,
     ):
-        if posterior not in ("sample", "mean"):
-            raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
+        preprocessing = preprocessing or DetectorPreprocessing()
         self.model = model.eval()
         self.vae = vae
         self.tokenizer = tokenizer
         self.special = special_token_ids(tokenizer)
         default_vit, default_vae = default_transforms(model.config)
+        self.preprocessing = replace(preprocessing, vit_transform=preprocessing.vit_transform or default_vit,
+                                     vae_transform=preprocessing.vae_transform or default_vae)
         self.encoder = SampleEncoder(
             tokenizer,
             pack_geometry(model.config),
-            vit_transform or default_vit,
-            vae_transform or default_vae,
-            smsa=smsa,
+            self.preprocessing.vit_transform,
+            self.preprocessing.vae_transform,
+            smsa=self.preprocessing.smsa,
             max_tokens_per_sample=max_tokens_per_sample,
         )
-        self.posterior = posterior
-        self.pre_resize_vae = pre_resize_vae
         self.threshold = threshold
-        self.engine = InferenceEngine(model, self.special)
+        self.cached_forward = CachedForward(model, self.special)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that change what the detector outputs for a given model (for job fingerprints)."""
+        prep = self.preprocessing
+        return {"posterior": prep.posterior, "pre_resize_vae": prep.pre_resize_vae, "threshold": self.threshold,
+                "smsa": prep.smsa, "vit_transform": asdict(prep.vit_transform),
+                "vae_transform": asdict(prep.vae_transform)}
 
     # ------------------------------------------------------------------ context
     def context(self, image: Image.Image, question: str) -> list[PlanItem]:
         """The SMSA plan of one image (VAE block, ViT block, question), as the training encoder lays it out."""
-        image = pil_to_rgb(image) if image.mode != "RGB" else image
-        if self.pre_resize_vae:
+        image = to_rgb(image) if image.mode != "RGB" else image
+        if self.preprocessing.pre_resize_vae:
             image = self.encoder.vae_transform.resize(image)
         sample = self.encoder.detection(image, question, answer="", label=LABEL_REAL)
         items = sample.items[:-1]  # drop the (empty) answer: decoding produces it
@@ -263,16 +292,17 @@ class Detector:
     def _latents(self, plans: list[list[PlanItem]], seeds: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         tokens = []
         vae_device = next(self.vae.parameters()).device
+        sample = self.preprocessing.posterior == "sample"
         for plan, seed in zip(plans, seeds):
             for item in plan:
                 if isinstance(item, VAEImage):
                     g = torch.Generator().manual_seed(int(seed))
-                    z = self.vae.encode(item.image[None].to(vae_device), generator=g, sample=self.posterior == "sample")
+                    z = self.vae.encode(item.image[None].to(vae_device), generator=g, sample=sample)
                     tokens.append(patchify_latent(z[0], self.model.config.latent_patch_size).float())
         if not tokens:
             return None, None
-        lat = torch.cat(tokens).to(self.engine.device)
-        return lat, torch.zeros(lat.shape[0], device=self.engine.device)
+        lat = torch.cat(tokens).to(self.cached_forward.device)
+        return lat, torch.zeros(lat.shape[0], device=self.cached_forward.device)
 
     # ------------------------------------------------------------------ detect
     @torch.no_grad()
@@ -281,9 +311,9 @@ class Detector:
         images: Sequence[Image.Image],
         question: str | None = None,
         questions: Sequence[str] | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         decoding: DecodingConfig | None = None,
-        seed: int | Sequence[int] = 42,
+        seed: int | Sequence[int] = DEFAULT_SEED,
     ) -> list[DetectionResult]:
         """Detect and explain a batch of images. ``question`` (one for all) or ``questions`` (one per
         image) is the text after ``<image>`` in the FakeClue human turn; default :data:`DEFAULT_QUESTION`.
@@ -298,7 +328,7 @@ class Detector:
         questions = [q.split(IMAGE_TAG, 1)[1] if IMAGE_TAG in q else q for q in questions]
         if len(questions) != len(images):
             raise ValueError(f"{len(questions)} questions for {len(images)} images")
-        images = [pil_to_rgb(img) if img.mode != "RGB" else img for img in images]
+        images = [to_rgb(img) if img.mode != "RGB" else img for img in images]
         seeds = [image_seed(seed, img) for img in images] if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != len(images):
             raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
@@ -306,29 +336,29 @@ class Detector:
             raise ValueError("max_new_tokens must be >= 0")
         decoding = decoding or DecodingConfig()
 
-        engine = self.engine
+        fwd = self.cached_forward
         plans = [self.context(img, q) for img, q in zip(images, questions)]
-        batch = engine.pack(plans)
+        batch = fwd.pack(plans)
         lat, ts = self._latents(plans, seeds)
-        cache = engine.new_cache(len(plans))
-        engine.forward(cache, engine.embed(batch, lat, ts), commit=True)
+        cache = fwd.new_cache(len(plans))
+        fwd.forward(cache, fwd.embed(batch, lat, ts), commit=True)
 
-        chooser = TokenChooser(decoding, seeds, engine.device)
+        chooser = TokenChooser(decoding, seeds, fwd.device)
         n = len(images)
         generated: list[list[int]] = [[] for _ in range(n)]
         stopped = [False] * n
         p_fake = [math.nan] * n
         active = list(range(n))
-        inputs = torch.full((n,), self.special.bos, dtype=torch.long, device=engine.device)
+        inputs = torch.full((n,), self.special.bos, dtype=torch.long, device=fwd.device)
         step = 0
         while active:
-            hidden = engine.forward(cache, engine.token_block(inputs), commit=True)
+            hidden = fwd.forward(cache, fwd.token_block(inputs), commit=True)
             if step == 0 and getattr(self.model.config, "detection_head", False):
-                probs = fake_probability(engine.detection_logits(hidden), self.model.config.detection_loss)
+                probs = fake_probability(fwd.detection_logits(hidden), self.model.config.detection_loss)
                 p_fake = [float(p) for p in probs.cpu()]
             if step >= max_new_tokens:
                 break
-            next_ids = chooser(engine.lm_logits(hidden), [generated[r] for r in active], active)
+            next_ids = chooser(fwd.lm_logits(hidden), [generated[r] for r in active], active)
             keep = []
             for row, (r, tok) in enumerate(zip(active, next_ids.tolist())):
                 if tok == self.special.eos:
@@ -346,11 +376,6 @@ class Detector:
         results = []
         for i in range(n):
             text = self.tokenizer.decode(generated[i], skip_special_tokens=False)
-            parsed = parse_verdict(text)
-            text_label = None if parsed is None else ("real" if parsed == LABEL_REAL else "fake")
-            if math.isnan(p_fake[i]):
-                label = text_label or "unknown"
-            else:
-                label = "fake" if p_fake[i] >= self.threshold else "real"
-            results.append(DetectionResult(label, p_fake[i], text, text_label, generated[i], stopped[i]))
+            results.append(DetectionResult(p_fake[i], text, parse_verdict(text), generated[i], stopped[i],
+                                           self.threshold))
         return results

@@ -1,45 +1,12 @@
-"""Text-to-image generation: rectified-flow Euler sampler with classifier-free guidance (BAGEL §5.3-5.4).
-
-Sampler. ``τ = linspace(1, 0, N)``, shifted ``σ = s·τ / (1 + (s−1)·τ)``; for k = 0..N−2:
-``x ← x − v(x, σ_k)·(σ_k − σ_{k+1})`` — N−1 model evaluations (per branch). Time runs from noise
-(t = 1) to data (t = 0), the training convention ``x_t = (1−t)·x0 + t·ε``, ``v ≈ ε − x0``.
-
-The image block is ``<|vision_start|>``, h·w latent tokens, ``<|vision_end|>``, all at the cache's
-RoPE id; it attends to the context and itself and is never added to the cache.
-
-CFG branches (each its own cache; all reuse one query embedding per step, tiled along the batch, so
-the branches of all images run as one batched forward):
-
-=====================  =========================================================================
-conditional ``v_c``    the full context (prompt)
-text-unconditional     the context without the prompt; for text-to-image an empty cache, so the
-``u_t``                image sits at RoPE 0 (exactly a training sample whose caption was dropped)
-image-unconditional    all texts, no images. With a text-only context this *is* the conditional
-``u_i``                cache, so ``u_i = v_c`` and no extra forward is run; ``cfg_img_scale > 1``
-                       is then not a no-op: ``v' = v_c + s_img·(s_txt − 1)·(v_c − u_t)``, an
-                       effective text scale of ``1 + s_img·(s_txt − 1)`` before renorm (the
-                       reference demo's 4.0 / 1.5 gives 5.5)
-=====================  =========================================================================
-
-Guidance applies at step k only if ``lo < σ_k ≤ hi`` (``cfg_interval``); outside, both scales are 1
-and only the conditional branch runs. As in the reference, guidance (and so the image branch) only
-happens when the text scale is > 1. Combination: ``v_t' = u_t + s_txt·(v_c − u_t)``; if
-``s_img > 1``: ``v' = u_i + s_img·(v_t' − u_i)``. Renorm, ``r`` clamped to ``[cfg_renorm_min, 1]``:
-
-* ``global``: ``r = ‖v_c‖ / (‖v'‖ + 1e-8)`` over all tokens and channels **of each image** (the
-  reference takes one norm over the whole packed batch, correct only for batch 1);
-* ``channel``: the same per token (over the 64 latent channels);
-* ``text_channel``: per-token renorm of ``v_t'`` against ``v_c`` before the image step; no final renorm.
-
-Seeds: image ``i`` draws its initial noise ``randn(h·w, 64)`` from a CPU generator seeded with
-``seeds[i]`` (an int ``seed`` means ``seed + i``), so an image depends only on its prompt and seed,
-never on the rest of the batch.
+"""Text-to-image generation with BAGEL's sampler: Euler steps of the rectified flow from noise (t = 1) to data
+(t = 0), with classifier-free guidance from separate conditional, text-unconditional and image-unconditional
+KV caches. An image depends only on its prompt and seed, never on the rest of the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -49,14 +16,21 @@ from unigendet.data.packing import TextItem, VAEImage
 from unigendet.data.tokenizer import encode_text, special_token_ids
 from unigendet.data.transforms import unpatchify_latent
 from unigendet.inference.cache import KVCache
-from unigendet.inference.engine import InferenceEngine
+from unigendet.inference.cached_forward import CachedForward
 
 RenormType = Literal["global", "channel", "text_channel", "none"]
 RENORM_TYPES = ("global", "channel", "text_channel", "none")
+# Image side in pixels (height and width) when the caller gives none: BAGEL's generation size.
+DEFAULT_IMAGE_SIZE = 1024
 
 
 def flow_schedule(num_steps: int, timestep_shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t_k, Δ_k) for k = 0..N−2 of the shifted ``linspace(1, 0, N)`` (fp32, as the reference)."""
+    """(t_k, Δ_k) for k = 0..N−2 of the shifted ``linspace(1, 0, N)`` (fp32, as the reference).
+
+    ``τ = linspace(1, 0, N)`` is shifted to ``σ = s·τ / (1 + (s−1)·τ)``; the sampler steps
+    ``x ← x − v(x, σ_k)·(σ_k − σ_{k+1})``, N−1 model evaluations per branch. Time runs from noise to data, the
+    training convention ``x_t = (1−t)·x0 + t·ε``, ``v ≈ ε − x0``.
+    """
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2 (N-1 Euler steps), got {num_steps}")
     tau = torch.linspace(1, 0, num_steps)
@@ -82,7 +56,14 @@ def combine_cfg(
     renorm_min: float = 0.0,
 ) -> torch.Tensor:
     """Guided velocity of **one image** (tokens ``[n, C]``). ``v_img_uncond`` is needed iff
-    ``cfg_img_scale > 1``. ``renorm_type="none"`` skips renormalisation (plain CFG)."""
+    ``cfg_img_scale > 1``.
+
+    ``v_t' = u_t + s_txt·(v_c − u_t)``; if ``s_img > 1``, ``v' = u_i + s_img·(v_t' − u_i)``. Renormalisation
+    scales by ``r = ‖v_c‖ / (‖v'‖ + 1e-8)`` clamped to ``[renorm_min, 1]``: ``global`` over all tokens and
+    channels of the image (BAGEL takes one norm over the whole packed batch, which is right only for batch 1),
+    ``channel`` per token, ``text_channel`` per token on ``v_t'`` before the image step and none after;
+    ``none`` skips it (plain CFG).
+    """
     if renorm_type not in RENORM_TYPES:
         raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {renorm_type!r}")
     use_img = cfg_img_scale > 1.0
@@ -100,6 +81,14 @@ def combine_cfg(
 
 @dataclass
 class SamplerSettings:
+    """The flow sampler and its guidance; the defaults are BAGEL's ``gen_image`` settings with image CFG off
+    (the offline evaluations' setting; the FID/GenEval scripts guide the whole schedule, ``cfg_interval=(0, 1)``).
+
+    ``num_steps`` N: points of the time grid (N-1 Euler steps); ``timestep_shift``: the grid's shift ``s``;
+    ``cfg_text_scale`` / ``cfg_img_scale``: guidance scales (1 = off); ``cfg_interval`` ``(lo, hi)``: guide
+    only at times ``lo < t <= hi``; ``cfg_renorm_type`` / ``cfg_renorm_min``: see :func:`combine_cfg`.
+    """
+
     num_steps: int = 50
     timestep_shift: float = 3.0
     cfg_text_scale: float = 4.0
@@ -109,6 +98,12 @@ class SamplerSettings:
     cfg_renorm_min: float = 0.0
 
     def __post_init__(self) -> None:
+        self.cfg_interval = tuple(float(v) for v in self.cfg_interval)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps must be >= 2 (N-1 Euler steps), got {self.num_steps}")
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
         lo, hi = self.cfg_interval
@@ -117,7 +112,8 @@ class SamplerSettings:
 
 
 class CFGContext:
-    """The three branch caches of §5.4, built while a context is added item by item (batch of sequences).
+    """The three caches classifier-free guidance reads (conditional, text-unconditional, image-unconditional),
+    built while a context is added item by item (batch of sequences).
 
     * text: the text-unconditional cache becomes a copy of the conditional one *before* the text is
       added; the text is added to the conditional and the image-unconditional caches;
@@ -125,12 +121,14 @@ class CFGContext:
       text-unconditional cache is re-copied from it afterwards.
 
     ``caches()`` returns ``(cond, text_uncond, img_uncond)`` with ``img_uncond = None`` when no image
-    was added (it would equal ``cond``; the sampler then reuses the conditional velocity)."""
+    was added (it would equal ``cond``; the sampler then reuses the conditional velocity). For plain
+    text-to-image the text-unconditional cache is empty, so the image sits at RoPE 0, exactly like a training
+    sample whose caption was dropped."""
 
-    def __init__(self, engine: InferenceEngine, batch_size: int):
-        self.engine = engine
-        self.cond = engine.new_cache(batch_size)
-        self.text_uncond = engine.new_cache(batch_size)
+    def __init__(self, cached_forward: CachedForward, batch_size: int):
+        self.cached_forward = cached_forward
+        self.cond = cached_forward.new_cache(batch_size)
+        self.text_uncond = cached_forward.new_cache(batch_size)
         # Until the first image, the image-unconditional cache is the conditional one: not materialised.
         self.img_uncond: KVCache | None = None
 
@@ -140,21 +138,21 @@ class CFGContext:
 
     def add_text(self, ids: Sequence[Sequence[int]]) -> None:
         """One text segment ``<|im_start|> ids <|im_end|>`` per sequence."""
-        block = self.engine.embed(self.engine.pack([[TextItem(list(t))] for t in ids]))
+        block = self.cached_forward.embed(self.cached_forward.pack([[TextItem(list(t))] for t in ids]))
         self.text_uncond = self.cond.clone()
-        self.engine.forward(self.cond, block, commit=True)
+        self.cached_forward.forward(self.cond, block, commit=True)
         if self.img_uncond is not None:
-            self.engine.forward(self.img_uncond, block, commit=True)
+            self.cached_forward.forward(self.img_uncond, block, commit=True)
 
     def add_images(self, plans: Sequence[Sequence], latent_tokens: torch.Tensor | None = None) -> None:
         """Image blocks per sequence (clean ``VAEImage`` and/or ``ViTImage`` items); ``latent_tokens``
         are the patchified clean latents of the VAE items in order."""
-        batch = self.engine.pack([list(p) for p in plans])
-        timesteps = None if latent_tokens is None else torch.zeros(latent_tokens.shape[0], device=self.engine.device)
-        block = self.engine.embed(batch, latent_tokens, timesteps)
+        batch = self.cached_forward.pack([list(p) for p in plans])
+        timesteps = None if latent_tokens is None else torch.zeros(latent_tokens.shape[0], device=self.cached_forward.device)
+        block = self.cached_forward.embed(batch, latent_tokens, timesteps)
         if self.img_uncond is None:
             self.img_uncond = self.cond.clone()
-        self.engine.forward(self.cond, block, commit=True)
+        self.cached_forward.forward(self.cond, block, commit=True)
         self.text_uncond = self.cond.clone()
 
     def caches(self) -> tuple[KVCache, KVCache, KVCache | None]:
@@ -165,16 +163,16 @@ class FlowSampler:
     """Euler sampling of image blocks against prepared caches (conditional / text-unconditional /
     image-unconditional). Works for any context; :class:`Generator` builds the text-to-image one."""
 
-    def __init__(self, engine: InferenceEngine):
-        self.engine = engine
-        self.config = engine.config
+    def __init__(self, cached_forward: CachedForward):
+        self.cached_forward = cached_forward
+        self.config = cached_forward.config
 
     def _image_block(self, shapes: Sequence[tuple[int, int]]):
         """The packed image block (markers + latents, noise split) for token grids ``shapes``."""
         stride = self.config.latent_downsample
         # The packer reads only the image size; an expanded scalar costs no memory.
         plans = [[VAEImage(torch.zeros(()).expand(3, h * stride, w * stride), noised=True)] for h, w in shapes]
-        return self.engine.pack(plans)
+        return self.cached_forward.pack(plans)
 
     @torch.no_grad()
     def sample(
@@ -188,8 +186,16 @@ class FlowSampler:
     ) -> list[torch.Tensor]:
         """Denoise ``noise[i] [h_i·w_i, C]`` (token grid ``shapes[i]``) -> clean latent tokens per image.
 
-        ``img_uncond=None`` means "the same as ``cond``" (text-only context): ``u_i = v_c``."""
-        engine = self.engine
+        The image block (``<|vision_start|>``, h·w latent tokens, ``<|vision_end|>``, all at the cache's RoPE
+        id) attends to the context and itself and is never added to a cache. Guidance applies at step k only
+        when the text scale is > 1 and ``lo < σ_k ≤ hi`` (``cfg_interval``), as in BAGEL; otherwise only the
+        conditional branch runs. The branches reuse one query block, tiled along the batch, so all images and
+        branches run as one forward.
+
+        ``img_uncond=None`` means "the same as ``cond``" (text-only context): ``u_i = v_c``. ``cfg_img_scale > 1``
+        is then not a no-op but an effective text scale of ``1 + s_img·(s_txt − 1)`` before renorm (BAGEL's
+        demo settings 4.0 / 1.5 give 5.5)."""
+        fwd = self.cached_forward
         n = len(noise)
         if not (cond.batch_size == text_uncond.batch_size == n == len(shapes)):
             raise ValueError("caches, noise and shapes must have one entry per image")
@@ -198,7 +204,7 @@ class FlowSampler:
         batch = self._image_block(shapes)
         counts = [h * w for h, w in shapes]
         block_lens = torch.tensor([c + 2 for c in counts])
-        x = torch.cat([z.float() for z in noise]).to(engine.device)
+        x = torch.cat([z.float() for z in noise]).to(fwd.device)
 
         s_txt, s_img = settings.cfg_text_scale, settings.cfg_img_scale
         guided_possible = s_txt > 1.0
@@ -210,20 +216,20 @@ class FlowSampler:
         lo, hi = settings.cfg_interval
         for t, dt in zip(timesteps.tolist(), dts.tolist()):
             guided = guided_possible and lo < t <= hi
-            t_tok = torch.full((x.shape[0],), t, device=engine.device)
-            block = engine.embed(batch, x, t_tok)
+            t_tok = torch.full((x.shape[0],), t, device=fwd.device)
+            block = fwd.embed(batch, x, t_tok)
             if not guided:
                 if cond_only is None:
                     cond_only = cond.clone()
                     cond_only.reserve(int((cond_only.lengths + block_lens).max()))
-                v = engine.velocity(engine.forward(cond_only, block, commit=False), block).float()
+                v = fwd.velocity(fwd.forward(cond_only, block, commit=False), block).float()
             else:
                 k = 3 if separate_img else 2
                 if branches is None:
                     branches = KVCache.cat([cond, text_uncond] + ([img_uncond] if separate_img else []))
                     branches.reserve(int((branches.lengths + block_lens.repeat(k)).max()))
                 tiled = block.tile(k)
-                out = engine.velocity(engine.forward(branches, tiled, commit=False), tiled).float()
+                out = fwd.velocity(fwd.forward(branches, tiled, commit=False), tiled).float()
                 per_branch = out.split(x.shape[0])
                 v_c, u_t = per_branch[0], per_branch[1]
                 u_i = per_branch[2] if separate_img else v_c
@@ -242,8 +248,8 @@ class Generator:
         self.model = model.eval()
         self.vae = vae
         self.tokenizer = tokenizer
-        self.engine = InferenceEngine(model, special_token_ids(tokenizer))
-        self.sampler = FlowSampler(self.engine)
+        self.cached_forward = CachedForward(model, special_token_ids(tokenizer))
+        self.sampler = FlowSampler(self.cached_forward)
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
         stride, side = self.model.config.latent_downsample, self.model.config.max_latent_size
@@ -258,12 +264,15 @@ class Generator:
     def generate_latents(
         self,
         prompts: Sequence[str],
-        height: int = 1024,
-        width: int = 1024,
+        height: int = DEFAULT_IMAGE_SIZE,
+        width: int = DEFAULT_IMAGE_SIZE,
         seed: int | Sequence[int] = 0,
         settings: SamplerSettings | None = None,
     ) -> list[torch.Tensor]:
-        """Clean latent tokens ``[h·w, C]`` per prompt (before the VAE decode)."""
+        """Clean latent tokens ``[h·w, C]`` per prompt (before the VAE decode).
+
+        Image ``i`` draws its initial noise from a CPU generator seeded with ``seeds[i]`` (an int ``seed`` means
+        ``seed + i``)."""
         prompts = list(prompts)
         if not prompts:
             return []
@@ -272,7 +281,7 @@ class Generator:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         h, w = self._grid(height, width)
-        context = CFGContext(self.engine, len(prompts))
+        context = CFGContext(self.cached_forward, len(prompts))
         # Text-to-image: the text-unconditional cache stays empty (the image sits at RoPE 0) and the
         # image-unconditional one equals the conditional one (no images in the context).
         context.add_text([encode_text(self.tokenizer, p) for p in prompts])
@@ -293,21 +302,15 @@ class Generator:
     def generate(
         self,
         prompts: Sequence[str],
-        height: int = 1024,
-        width: int = 1024,
-        num_steps: int = 50,
-        timestep_shift: float = 3.0,
-        cfg_text_scale: float = 4.0,
-        cfg_img_scale: float = 1.0,
-        cfg_interval: tuple[float, float] = (0.4, 1.0),
-        cfg_renorm_type: RenormType = "global",
-        cfg_renorm_min: float = 0.0,
+        height: int = DEFAULT_IMAGE_SIZE,
+        width: int = DEFAULT_IMAGE_SIZE,
         seed: int | Sequence[int] = 0,
+        settings: SamplerSettings | None = None,
+        **overrides,
     ) -> list[Image.Image]:
-        """One image per prompt. Defaults: BAGEL's ``gen_image`` settings with image CFG off (the
-        offline evaluations' setting); the FID/GenEval scripts use ``cfg_interval=(0, 1)``."""
-        settings = SamplerSettings(num_steps, timestep_shift, cfg_text_scale, cfg_img_scale, tuple(cfg_interval),
-                                   cfg_renorm_type, cfg_renorm_min)
+        """One image per prompt, sampled with ``settings`` (default :class:`SamplerSettings`) with the fields
+        named in ``overrides`` replaced (e.g. ``num_steps=20``)."""
+        settings = replace(settings or SamplerSettings(), **overrides)
         latents = self.generate_latents(prompts, height, width, seed, settings)
         h, w = self._grid(height, width)
         return [self.decode(z, h, w) for z in latents]

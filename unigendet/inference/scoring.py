@@ -11,8 +11,8 @@ from dataclasses import replace
 import torch
 
 from unigendet.data.packing import PackBuilder, PlanSample, TextItem
-from unigendet.losses.core import fake_probability
-from unigendet.objectives.common import prepare_latents
+from unigendet.models.bridges import fake_probability
+from unigendet.models.latents import encode_pack_latents
 
 
 def without_answer(sample: PlanSample) -> PlanSample:
@@ -37,8 +37,14 @@ def head_fake_probabilities(model, vae, samples: list[PlanSample], builder: Pack
 
     def flush():
         batch = builder.build([s.items for s in chunk], [s.kind for s in chunk]).to(device)
-        lat = prepare_latents(batch, vae, model.config.latent_patch_size, generator)
-        out = model(batch, None if lat is None else lat.tokens, None if lat is None else lat.timesteps)
+        clean = encode_pack_latents(batch, vae, model.config.latent_patch_size, generator)
+        timesteps = None
+        if clean is not None:
+            # Training draws flow noise for every latent after the posterior samples; drawing (and dropping)
+            # it here too gives each later chunk the posterior samples the training input path would draw.
+            torch.randn(clean.shape, generator=generator, device=clean.device)
+            timesteps = torch.zeros(clean.shape[0], device=clean.device)
+        out = model(batch, clean, timesteps)
         probs.append(fake_probability(out.det_logits, model.config.detection_loss).cpu())
         labels.append(batch.det_labels.cpu())
         chunk.clear()

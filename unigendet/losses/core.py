@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unigendet.data.packing import LABEL_FAKE
+from unigendet.labels import LABEL_FAKE
 
 # The official 2-class head orders its logits (fake, real): FakeClue's label 1 = real is class 1.
 HEAD_CLASS_FAKE = 0
@@ -43,13 +43,6 @@ def detection_loss(logits: torch.Tensor, is_fake: torch.Tensor, kind: str, denom
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits.float().squeeze(-1), is_fake.float(), reduction="sum") / denominator
     raise ValueError(f"unknown detection loss {kind!r}; expected 'ce' or 'bce'")
-
-
-def fake_probability(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """p(fake) from head logits of either kind."""
-    if kind == "ce":
-        return logits.float().softmax(-1)[..., HEAD_CLASS_FAKE]
-    return logits.float().squeeze(-1).sigmoid()
 
 
 def alignment_loss(student: torch.Tensor, teacher: torch.Tensor, denominator: float) -> torch.Tensor:

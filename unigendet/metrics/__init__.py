@@ -10,17 +10,10 @@ from unigendet.metrics.detection import (
     resolve_unparsed,
 )
 from unigendet.metrics.fakeclue import (
-    FAKECLUE_FAKE,
-    FAKECLUE_REAL,
-    LABEL_FAKE,
-    LABEL_REAL,
     answer_scores,
     css_tfidf,
     extract_answer,
-    fakeclue_to_internal,
     head_metrics,
-    internal_to_fakeclue,
-    parse_verdict,
     text_metrics,
 )
 from unigendet.metrics.report import (
@@ -34,9 +27,7 @@ from unigendet.metrics.report import (
 
 __all__ = [
     "jsonable",
-    "FAKECLUE_FAKE", "FAKECLUE_REAL", "LABEL_FAKE", "LABEL_REAL", "answer_scores", "css_tfidf", "extract_answer",
-    "fakeclue_to_internal", "head_metrics", "internal_to_fakeclue", "merge_reports", "parse_verdict",
-    "text_metrics", "write_report",
+    "answer_scores", "css_tfidf", "extract_answer", "head_metrics", "merge_reports", "text_metrics", "write_report",
     "arforensics_metrics", "bar_chart_png", "binary_summary", "curves_png", "dmimage_metrics", "head_predictions",
     "markdown_table", "resolve_unparsed",
 ]

@@ -1,30 +1,10 @@
-"""Cross-dataset detection metrics: DMimage (``evaluation-protocols.md`` §2.2) and ARForensics (§3.2).
+"""Cross-dataset detection metrics: DMimage (the six numbers of the UniGenDet / FakeVLM tables) and
+ARForensics (per-generator accuracy and its mean), from predicted internal labels (``0 = real, 1 = fake``) and,
+optionally, the head's p(fake) for AUC / AP.
 
-Labels are internal (``0 = real, 1 = fake``); a prediction is an internal label or None (unparsed text, or no
-score). Predictions come either from the detection head (:func:`head_predictions`: fake when
-``p_fake >= threshold``, the argmax of the 2-way head at 0.5 as in :func:`~unigendet.metrics.fakeclue.head_metrics`)
-or from the verdict parsed from the explanation.
-
-Unparsed predictions (always counted in ``n_unparsed``), by ``unparsed``:
-    * ``"exclude"`` (project default, the FakeClue rule): left out of every rate;
-    * ``"wrong"``: counted as a wrong answer (the other class).
-
-DMimage — the six numbers of the UniGenDet / FakeVLM tables [inferred from the reported numbers]:
-    * Real Acc = fraction of real images called real; Fake Acc likewise for fakes;
-    * Real F1 = F1 of the real class on the real-only subset (precision 1 there) = 2·Acc/(1+Acc); Fake F1 likewise;
-    * Overall Acc = accuracy over all images; Overall F1 = binary F1 with **real as the positive class**;
-    * for reference: ``f1_macro`` (macro over the classes present, sklearn's ``average="macro"``) and
-      ``balanced_acc`` (mean recall of the classes present in the labels, the original DMimage metric).
-    Per generator: the same numbers on *all* real images plus that generator's fakes (the original DMimage
-    protocol, one generator against the real pool; Real Acc is therefore shared). ``mean_over_generators``
-    averages each number over the generators where it is defined.
-
-ARForensics — per generator folder (its real and fake images): Acc, real/fake accuracy; ``mean_acc`` = the
-unweighted mean of the per-generator accuracies (the paper's "Mean" column).
-
-With ``scores`` (head p(fake)) the ranking metrics are added: AUC (``roc_auc_score``) and, for ARForensics,
-AP (``average_precision_score``), fake = positive class; NaN when one class is missing.
-All rates are fractions; NaN when undefined (no image of the class).
+A prediction is an internal label or None (unparsed text, or no score); it comes from the detection head
+(:func:`head_predictions`) or from the verdict parsed from the explanation. All rates are fractions; NaN when
+undefined (no image of the class).
 """
 
 from __future__ import annotations
@@ -32,7 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from unigendet.metrics.fakeclue import LABEL_FAKE, LABEL_REAL, confusion_2x2
+from unigendet.labels import LABEL_FAKE, LABEL_REAL
+from unigendet.metrics.fakeclue import confusion_2x2
 
 UNPARSED_POLICIES = ("exclude", "wrong")
 SIX_KEYS = ("real_acc", "real_f1", "fake_acc", "fake_f1", "overall_acc", "overall_f1")
@@ -55,7 +36,9 @@ def _check(labels: Sequence[int], preds: Sequence[int | None], groups: Sequence[
 
 def resolve_unparsed(labels: Sequence[int], preds: Sequence[int | None], unparsed: str = "exclude"
                      ) -> tuple[list[int], list[int], list[bool]]:
-    """(labels kept, predictions kept, mask of kept positions) under the ``unparsed`` policy."""
+    """(labels kept, predictions kept, mask of kept positions) under the ``unparsed`` policy: ``"exclude"``
+    (project default, the FakeClue rule) leaves unparsed predictions out of every rate; ``"wrong"`` counts
+    them as the other class."""
     if unparsed not in UNPARSED_POLICIES:
         raise ValueError(f"unparsed must be one of {UNPARSED_POLICIES}, got {unparsed!r}")
     kept_y, kept_p, mask = [], [], []
@@ -80,7 +63,14 @@ def _f1_from_acc(acc: float) -> float:
 
 def binary_summary(labels: Sequence[int], preds: Sequence[int]) -> dict:
     """The six DMimage numbers, macro F1, balanced accuracy, counts and the confusion matrix
-    (rows true real/fake, columns predicted real/fake) of fully parsed predictions."""
+    (rows true real/fake, columns predicted real/fake) of fully parsed predictions.
+
+    The six numbers, as inferred from the values UniGenDet and FakeVLM report: Real Acc (fraction of real images
+    called real) and Fake Acc likewise; Real F1 / Fake F1 = the class's F1 on its own subset, where precision
+    is 1, so 2·Acc/(1+Acc); Overall Acc; Overall F1 = binary F1 with **real as the positive class**.
+    ``f1_macro`` (sklearn's ``average="macro"`` over the classes present) and ``balanced_acc`` (mean recall of
+    the classes present, the original DMimage metric) are added for reference.
+    """
     m = confusion_2x2(labels, preds)
     n = len(labels)
     rows = [sum(m[0]), sum(m[1])]
@@ -142,7 +132,9 @@ def dmimage_metrics(labels: Sequence[int], preds: Sequence[int | None], groups: 
     """DMimage numbers overall, per generator (its fakes against all reals) and per real source.
 
     ``groups[i]`` is the source folder of image ``i``: folders with fake images are generators, folders
-    with only real images are real sources."""
+    with only real images are real sources. As in the original DMimage protocol, each generator is scored on
+    all real images plus its own fakes (so Real Acc is shared); ``mean_over_generators`` averages each number
+    over the generators where it is defined."""
     _check(labels, preds, groups)
     y, p, mask = resolve_unparsed(labels, preds, unparsed)
     g = [grp for grp, keep in zip(groups, mask) if keep]
@@ -194,7 +186,9 @@ def dmimage_metrics(labels: Sequence[int], preds: Sequence[int | None], groups: 
 def arforensics_metrics(labels: Sequence[int], preds: Sequence[int | None], groups: Sequence[str],
                         unparsed: str = "exclude", scores: Sequence[float] | None = None,
                         generators: Sequence[str] | None = None) -> dict:
-    """Per-generator accuracy and its unweighted mean; ``generators`` fixes the order (default: first seen)."""
+    """Per-generator accuracy (over that folder's real and fake images) and its unweighted mean, the paper's
+    "Mean" column; with ``scores``, AUC and AP per generator. ``generators`` fixes the order (default: first
+    seen)."""
     _check(labels, preds, groups)
     y, p, mask = resolve_unparsed(labels, preds, unparsed)
     g = [grp for grp, keep in zip(groups, mask) if keep]

@@ -1,32 +1,10 @@
-"""FakeClue detection + explanation metrics, as the official UniGenDet evaluation defines them.
+"""FakeClue detection + explanation metrics (accuracy, macro F1, ROUGE-L, CSS), computed as the official
+UniGenDet evaluation script ``eval/det/fakevlm_test.py`` computes them.
 
-Protocol: ``evaluation-protocols.md`` §1.3–§1.4 (official ``eval/det/fakevlm_test.py``).
-
-Labels
-    Every function here takes and returns the **internal** convention, ``0 = real, 1 = fake``
-    (the same values as ``unigendet.data.packing.LABEL_REAL / LABEL_FAKE``). FakeClue's annotation files use
-    the opposite (``real = 1, fake = 0``); convert at load time with :func:`fakeclue_to_internal`.
-    Macro F1, accuracy and the confusion matrix are independent of the encoding (macro F1 averages the
-    per-class F1 of the classes present, so swapping the names of the two classes changes nothing), so our
-    numbers equal the official script's.
-
-Text metrics (per answer, then averaged)
-    * verdict: the answer is lowercased; ``"this is a real image"`` anywhere => real (checked first, so an answer
-      with both phrases is real); else ``"this is a fake image"`` anywhere => fake; else unparsed.
-    * Acc = correct / #parsed answers (unparsed and crashed samples are left out of the denominator);
-      NaN ("N/A") when nothing parsed.
-    * F1 = ``sklearn.metrics.f1_score(gts, preds, average="macro")`` over the parsed answers only, macro over the
-      labels present in them (no ``labels=``); 0.0 when nothing parsed.
-    * ROUGE-L = ``RougeScorer(["rougeL"], use_stemmer=True).score(reference, answer_lowercased).fmeasure``.
-    * CSS = cosine similarity of the two rows of a fresh default ``TfidfVectorizer().fit_transform([reference,
-      answer_lowercased])`` (fitted on that one pair only), not clipped.
-    * ROUGE-L and CSS are computed for every non-crashed answer, parsed or not, correct or not, and averaged
-      arithmetically over those answers. An empty answer (or empty reference) scores 0.0 for both; when TF-IDF
-      finds no token of two or more characters (empty vocabulary) CSS is 0.0 and ROUGE-L is kept.
-    * A prediction given as ``None`` marks a crashed sample (the official script's ``"error"`` records): it is left
-      out of every metric and counted in ``n_errors``.
-
-All rates are fractions in [0, 1]; the paper prints them ×100.
+Every function takes and returns internal labels (``0 = real, 1 = fake``; FakeClue's files use the opposite and
+are converted at load time by :mod:`unigendet.labels`). Accuracy, macro F1 and the confusion matrix do not
+depend on the encoding, so the numbers equal the official script's. Rates are fractions in [0, 1]; the paper
+prints them ×100.
 """
 
 from __future__ import annotations
@@ -35,39 +13,10 @@ import math
 import warnings
 from collections.abc import Sequence
 
-# Internal convention (equal to unigendet.data.packing.LABEL_REAL / LABEL_FAKE; not imported to keep this
-# module free of torch).
-LABEL_REAL = 0
-LABEL_FAKE = 1
-# FakeClue annotation convention.
-FAKECLUE_REAL = 1
-FAKECLUE_FAKE = 0
-
-REAL_PHRASE = "this is a real image"
-FAKE_PHRASE = "this is a fake image"
+from unigendet.labels import CLASS_NAMES, FAKE_PHRASE, LABEL_FAKE, LABEL_REAL, REAL_PHRASE, parse_verdict
 
 ANSWER_START = "<|im_start|>"
 ANSWER_END = "<|im_end|>"
-
-CLASS_NAMES = ("real", "fake")  # index = internal label
-
-
-def fakeclue_to_internal(label: int) -> int:
-    """FakeClue label (real = 1, fake = 0) -> internal label (real = 0, fake = 1)."""
-    if label == FAKECLUE_REAL:
-        return LABEL_REAL
-    if label == FAKECLUE_FAKE:
-        return LABEL_FAKE
-    raise ValueError(f"FakeClue label must be {FAKECLUE_REAL} (real) or {FAKECLUE_FAKE} (fake), got {label!r}")
-
-
-def internal_to_fakeclue(label: int) -> int:
-    """Internal label (real = 0, fake = 1) -> FakeClue label (real = 1, fake = 0)."""
-    if label == LABEL_REAL:
-        return FAKECLUE_REAL
-    if label == LABEL_FAKE:
-        return FAKECLUE_FAKE
-    raise ValueError(f"internal label must be {LABEL_REAL} (real) or {LABEL_FAKE} (fake), got {label!r}")
 
 
 def extract_answer(raw: str) -> str:
@@ -78,21 +27,6 @@ def extract_answer(raw: str) -> str:
     head = raw.split(ANSWER_END, 1)[0]
     parts = head.split(ANSWER_START)
     return parts[1] if len(parts) > 1 else parts[0]
-
-
-def parse_verdict(text: str) -> int | None:
-    """Internal label from an answer, by the official substring rule, or None when unparsable.
-
-    Lowercases ``text`` (``str.lower``), then: ``"this is a real image"`` anywhere -> 0 (real), checked first, so
-    an answer with both phrases is real; else ``"this is a fake image"`` anywhere -> 1 (fake); else None.
-    A plain substring test: "This is a real imagery" counts as real; "this is a  real image" (two spaces) does not.
-    """
-    response = text.lower()
-    if REAL_PHRASE in response:
-        return LABEL_REAL
-    if FAKE_PHRASE in response:
-        return LABEL_FAKE
-    return None
 
 
 def _rouge_scorer():
@@ -114,7 +48,11 @@ def css_tfidf(reference: str, answer: str) -> float:
 
 
 def answer_scores(reference: str, answer: str, scorer=None) -> tuple[float, float]:
-    """(ROUGE-L F, CSS) of one answer with the official guards; ``answer`` is lowercased first."""
+    """(ROUGE-L F, CSS) of one answer with the official guards; ``answer`` is lowercased first.
+
+    ROUGE-L is ``RougeScorer(["rougeL"], use_stemmer=True)``'s F-measure. An empty answer or reference scores
+    0.0 for both; when TF-IDF finds no token of two or more characters, CSS is 0.0 and ROUGE-L is kept.
+    """
     response = answer.lower()
     rouge, css = 0.0, 0.0
     if response and reference:
@@ -171,13 +109,16 @@ def text_metrics(predictions: Sequence[str | None], references: Sequence[str], l
     """FakeClue text metrics for generated answers.
 
     ``predictions[i]``: the model's answer (the scored text, see :func:`extract_answer`), or None for a crashed
-    sample. ``references[i]``: the ground-truth answer (FakeClue's gpt turn, including its leading
-    "This is a … image." sentence). ``labels[i]``: internal label (0 = real, 1 = fake).
+    sample (the official script's ``"error"`` records), which is left out of every metric. ``references[i]``:
+    the ground-truth answer (FakeClue's gpt turn, including its leading "This is a … image." sentence).
+    ``labels[i]``: internal label (0 = real, 1 = fake).
 
     Returns (fractions in [0, 1]):
-      ``acc``      correct / n_parsed (NaN when n_parsed == 0; the official script prints "N/A")
+      ``acc``      correct / n_parsed, the verdict read by :func:`~unigendet.labels.parse_verdict` (NaN when
+                   n_parsed == 0; the official script prints "N/A")
       ``f1_macro`` sklearn macro F1 over parsed answers, labels present only (0.0 when n_parsed == 0)
-      ``rouge_l``, ``css``  means over the n_scored non-crashed answers (0.0 when there are none)
+      ``rouge_l``, ``css``  means over the n_scored non-crashed answers, parsed or not, correct or not (0.0
+                   when there are none)
       ``n``, ``n_errors`` (crashed), ``n_scored`` (= n - n_errors), ``n_parsed``, ``n_unparsed``,
       ``n_correct``, ``n_both_phrases`` (answers with both phrases, parsed as real)
       ``confusion`` 2×2 over parsed answers, rows true (real, fake), columns predicted (real, fake);

@@ -1,21 +1,5 @@
-"""Fréchet Inception Distance as pytorch-fid computes it (the UniGenDet FID protocol), in plain torch.
-
-Network. The FID Inception-v3 ("2015-12-05" TensorFlow graph ported to PyTorch by pytorch-fid): torchvision's
-Inception-v3 layout with 1008 classes and no auxiliary head, whose Mixed_5b-d / 6b-e / 7b / 7c blocks differ
-from torchvision's in pooling: the branch-pool average pools skip padded zeros (``count_include_pad=False``,
-as TensorFlow) and Mixed_7c pools with a 3×3 *max* pool. Parameter names and shapes equal those of
-``pt_inception-2015-12-05-6726825d.pth`` (the file pytorch-fid downloads), so that file loads with
-``load_state_dict(strict=True)``; ``fc`` (2048 -> 1008) is part of the file and of this module but unused.
-Features are the 2048-d global average pool of Mixed_7c ("pool3").
-
-Input: RGB in [0, 1], bilinearly resized to 299×299 (``align_corners=False``), scaled to [-1, 1].
-
-Images (the official ``fid_compute.py``): RGB -> centre crop to a square of the short side (only when not
-square; PIL's own rounding of the float box) -> 299×299 PIL LANCZOS (only when not already that size) ->
-``/255`` (what pytorch-fid's ``ToTensor`` does to the saved PNG, which is lossless).
-
-FID = ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½), ``scipy.linalg.sqrtm``; statistics are ``np.mean`` / ``np.cov``
-(rowvar=False) over float64 activations.
+"""Fréchet Inception Distance as pytorch-fid computes it (the UniGenDet FID protocol), in plain torch: the FID
+Inception-v3, the official image preprocessing, activation statistics and the distance.
 """
 
 from __future__ import annotations
@@ -170,7 +154,16 @@ class FIDInceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """The FID Inception-v3; ``forward`` maps RGB in [0, 1] ``[N, 3, H, W]`` to pool3 features ``[N, 2048]``."""
+    """The FID Inception-v3; ``forward`` maps RGB in [0, 1] ``[N, 3, H, W]`` to pool3 features ``[N, 2048]``.
+
+    This is the "2015-12-05" TensorFlow graph as pytorch-fid ports it: torchvision's Inception-v3 layout with 1008
+    classes and no auxiliary head, whose Mixed_5b-d / 6b-e / 7b / 7c blocks pool differently from torchvision's:
+    the branch-pool average pools skip padded zeros (``count_include_pad=False``, as TensorFlow) and Mixed_7c
+    pools with a 3×3 *max* pool. Parameter names and shapes equal those of ``pt_inception-2015-12-05-6726825d.pth``
+    (the file pytorch-fid downloads), so it loads with ``strict=True``; ``fc`` (2048 -> 1008) is in the file and
+    in this module but unused. Inputs are bilinearly resized to 299×299 (``align_corners=False``) and scaled to
+    [-1, 1]; features are the 2048-d global average pool of Mixed_7c ("pool3").
+    """
 
     def __init__(self):
         super().__init__()
@@ -271,7 +264,8 @@ def weights_record(weights_path: str | Path) -> dict:
 
 
 def fid_preprocess(image: Image.Image) -> Image.Image:
-    """RGB, centre square crop (short side) if not square, 299×299 LANCZOS if not that size."""
+    """RGB, centre square crop (short side) if not square, 299×299 LANCZOS if not that size, as the official
+    ``fid_compute.py`` does (the crop box is a float box that PIL rounds itself)."""
     image = image.convert("RGB")
     width, height = image.size
     if width != height:
@@ -284,7 +278,8 @@ def fid_preprocess(image: Image.Image) -> Image.Image:
 
 
 def image_to_unit_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 RGB -> float ``[3, H, W]`` in [0, 1] (``ToTensor``)."""
+    """uint8 RGB -> float ``[3, H, W]`` in [0, 1] (``ToTensor``, what pytorch-fid applies to the saved,
+    lossless PNG)."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255.0)
 
@@ -319,7 +314,7 @@ def inception_activations(model: FIDInceptionV3, images: Iterable[Image.Image], 
 
 
 def activation_statistics(activations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, Σ) of activations ``[N, D]``; Σ needs N >= 2."""
+    """(μ, Σ) of activations ``[N, D]`` (``np.mean`` / ``np.cov(rowvar=False)`` in float64); Σ needs N >= 2."""
     activations = np.asarray(activations, dtype=np.float64)
     if activations.ndim != 2 or activations.shape[0] < 2:
         raise ValueError(f"need at least 2 activation rows [N, D] for a covariance, got shape {activations.shape}")

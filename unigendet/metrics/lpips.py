@@ -1,20 +1,6 @@
 """LPIPS v0.1 with the AlexNet trunk (``lpips.LPIPS(net="alex", version="0.1")``, the package default), in plain torch.
 
-d(x0, x1) = Σ_l mean_hw( w_l · (n(f_l(s(x0))) − n(f_l(s(x1))))² ), where
-
-* ``s`` is the v0.1 scaling layer ``(x − shift) / scale`` with shift (−.030, −.088, −.188), scale (.458, .448, .450)
-  on inputs in [-1, 1];
-* ``f_l`` are the five ReLU outputs of torchvision's AlexNet ``features`` (after conv1..conv5: 64, 192, 384, 256,
-  256 channels);
-* ``n`` unit-normalises each spatial position over channels (``x / (‖x‖₂ + 1e-10)``);
-* ``w_l`` is the learned non-negative 1×1 convolution ("lin" layer) of layer l, then the spatial mean.
-
-Weights (nothing is downloaded; the user supplies both files):
-
-* the trunk: torchvision's ImageNet AlexNet ``alexnet-owt-7be5be79.pth`` (``features.{0,3,6,8,10}.{weight,bias}``;
-  its ``classifier.*`` entries are ignored);
-* the heads: lpips' ``weights/v0.1/alex.pth`` (``lin{0..4}.model.1.weight`` of shape ``[1, C, 1, 1]``; ``model.0``
-  is a parameter-free dropout).
+Nothing is downloaded: the user supplies torchvision's AlexNet file and lpips' v0.1 ``alex.pth`` heads.
 """
 
 from __future__ import annotations
@@ -64,7 +50,17 @@ def unit_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 
 class LPIPS(nn.Module):
-    """``forward(x0, x1)`` on RGB in [-1, 1] ``[N, 3, H, W]`` -> distances ``[N]``."""
+    """``forward(x0, x1)`` on RGB in [-1, 1] ``[N, 3, H, W]`` -> distances ``[N]``.
+
+    d(x0, x1) = Σ_l mean_hw( w_l · (n(f_l(s(x0))) − n(f_l(s(x1))))² ), where
+
+    * ``s`` is the v0.1 scaling layer ``(x − shift) / scale`` with shift (−.030, −.088, −.188),
+      scale (.458, .448, .450) on inputs in [-1, 1];
+    * ``f_l`` are the five ReLU outputs of torchvision's AlexNet ``features`` (after conv1..conv5: 64, 192, 384,
+      256, 256 channels);
+    * ``n`` unit-normalises each spatial position over channels (``x / (‖x‖₂ + 1e-10)``);
+    * ``w_l`` is the learned non-negative 1×1 convolution ("lin" layer) of layer l, then the spatial mean.
+    """
 
     def __init__(self):
         super().__init__()
@@ -105,7 +101,13 @@ def _load_tensors(path: str | Path, what: str, expected_name: str) -> dict[str, 
 
 def load_lpips(alexnet_path: str | Path | None, lin_path: str | Path | None,
                device: str | torch.device = "cpu") -> LPIPS:
-    """LPIPS(alex, v0.1) from the torchvision AlexNet file and the lpips ``alex.pth`` heads (both strict)."""
+    """LPIPS(alex, v0.1) from the torchvision AlexNet file and the lpips ``alex.pth`` heads (both strict).
+
+    The trunk file is torchvision's ImageNet AlexNet ``alexnet-owt-7be5be79.pth``
+    (``features.{0,3,6,8,10}.{weight,bias}``; its ``classifier.*`` entries are ignored); the heads file is lpips'
+    ``weights/v0.1/alex.pth`` (``lin{0..4}.model.1.weight`` of shape ``[1, C, 1, 1]``; ``model.0`` is a
+    parameter-free dropout).
+    """
     trunk = _load_tensors(alexnet_path, "LPIPS AlexNet trunk weights", ALEXNET_WEIGHTS_NAME)
     heads = _load_tensors(lin_path, "LPIPS v0.1 linear-head weights", f"lpips/weights/v0.1/{LPIPS_LIN_WEIGHTS_NAME}")
     model = LPIPS()

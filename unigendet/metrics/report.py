@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from unigendet.metrics.fakeclue import CLASS_NAMES
+from unigendet.labels import CLASS_NAMES
 
 RATE_KEYS = ("acc", "f1_macro", "rouge_l", "css", "auc", "real_acc", "fake_acc", "acc_unparsed_as_wrong",
              "real_f1", "fake_f1", "overall_acc", "overall_f1", "balanced_acc", "mean_acc", "ap", "mean_auc",

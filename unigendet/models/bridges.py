@@ -1,4 +1,5 @@
-"""Modules that carry images into the LLM's hidden space and back (BAGEL §1.4)."""
+"""Modules that carry images into the LLM's hidden space and back (BAGEL's connector, position tables and
+timestep embedder), and UniGenDet's detection head and DIGA projector."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
+
+from unigendet.losses.core import HEAD_CLASS_FAKE
 
 
 def sincos_2d_table(embed_dim: int, grid_size: int) -> np.ndarray:
@@ -96,6 +99,16 @@ class DetectionHead(nn.Sequential):
             nn.ReLU(),
             nn.Linear(hidden_size // 4, num_outputs),
         )
+
+
+def fake_probability(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """p(fake) ``[...]`` (fp32) from :class:`DetectionHead` logits ``[..., K]``: the softmax's "fake" class for
+    the 2-class head (``kind="ce"``), the sigmoid of the single logit for the BCE head (``kind="bce"``)."""
+    if kind == "ce":
+        return logits.float().softmax(-1)[..., HEAD_CLASS_FAKE]
+    if kind == "bce":
+        return logits.float().squeeze(-1).sigmoid()
+    raise ValueError(f"unknown detection head kind {kind!r}; expected 'ce' or 'bce'")
 
 
 class AlignmentProjector(nn.Sequential):

@@ -10,8 +10,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from unigendet.config.loader import ConfigError
+from unigendet.config.ranges import require_finite, require_positive, require_range
+from unigendet.data.packing import PackGeometry
 
 AttnBackend = Literal["sdpa", "flex", "flash"]
+
+
+def _require_at_least_one(section, *names: str) -> None:
+    """Counts and sizes: integers >= 1."""
+    for name in names:
+        require_range(name, getattr(section, name), 1)
 
 
 @dataclass
@@ -39,6 +47,10 @@ class LLMConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
+        _require_at_least_one(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        require_positive("rope_theta", self.rope_theta)
+        require_positive("rms_norm_eps", self.rms_norm_eps)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
@@ -88,6 +100,9 @@ class ViTConfig:
     hidden_act: str = "gelu_pytorch_tanh"
 
     def validate(self) -> None:
+        _require_at_least_one(self, "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                              "patch_size", "num_channels", "max_num_patch_per_side")
+        require_positive("layer_norm_eps", self.layer_norm_eps)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
@@ -132,6 +147,13 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     def validate(self) -> None:
+        if not self.block_out_channels:
+            raise ConfigError("block_out_channels must not be empty")
+        _require_at_least_one(self, "layers_per_block", "latent_channels", "norm_num_groups")
+        for i, ch in enumerate(self.block_out_channels):
+            require_range(f"block_out_channels[{i}]", ch, 1)
+        require_positive("scaling_factor", self.scaling_factor)
+        require_finite("shift_factor", self.shift_factor)
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
                 raise ConfigError(f"block_out_channels entry {ch} is not divisible by norm_num_groups")
@@ -176,5 +198,14 @@ class ModelConfig:
     def validate(self) -> None:
         if not (self.visual_und or self.visual_gen):
             raise ConfigError("at least one of visual_und / visual_gen must be true")
-        if self.latent_patch_size < 1 or self.max_latent_size < 1:
-            raise ConfigError("latent_patch_size and max_latent_size must be positive")
+        _require_at_least_one(self, "latent_patch_size", "max_latent_size", "diga_projector_mult")
+
+
+def pack_geometry(cfg: ModelConfig) -> PackGeometry:
+    """The packer's view of a model: ViT patch grid and VAE latent grid limits."""
+    return PackGeometry(
+        vit_patch_size=cfg.vit.patch_size,
+        vit_max_num_patch_per_side=cfg.vit.max_num_patch_per_side,
+        latent_stride=cfg.latent_downsample,
+        max_latent_size=cfg.max_latent_size,
+    )

@@ -1,22 +1,4 @@
-"""SigLIP vision encoder with NaViT packing (BAGEL's ViT), built on transformers' SigLIP encoder layers.
-
-Input is a *packed* stream: every image is patchified into rows of ``patch_size² · 3`` pixel values
-(order: pixel row, pixel col, channel) and all images are concatenated along the token axis. Attention is
-bidirectional inside one image and never crosses images.
-
-The reference runs flash-attn's varlen kernel over the packed stream. Here the stream is scattered into a
-padded ``[n_images, max_len, hidden]`` batch with a key-padding mask, so any transformers attention backend
-(sdpa / eager on CPU, flash-attn on CUDA) can run the stock ``SiglipEncoderLayer``. Padding rows only
-ever act as queries (their outputs are dropped); as keys they are masked out, so the real tokens are
-unaffected by how much padding a batch carries.
-
-State-dict layout (relative to this module; BAGEL stores it under ``vit_model.``)::
-
-    vision_model.embeddings.patch_embedding.{weight,bias}      Linear(patch_dim -> hidden)
-    vision_model.embeddings.position_embedding.weight          Embedding(max_side², hidden)
-    vision_model.encoder.layers.{j}.{self_attn,layer_norm1,layer_norm2,mlp}.*
-    vision_model.post_layernorm.{weight,bias}
-"""
+"""SigLIP vision encoder with NaViT packing (BAGEL's ViT), built on transformers' SigLIP encoder layers."""
 
 from __future__ import annotations
 
@@ -58,7 +40,7 @@ def convert_conv2d_to_linear(weight: Tensor) -> Tensor:
 class _SiglipEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        # Linear (not Conv2d) because BAGEL checkpoints store the patch embedding pre-flattened (§6.4).
+        # Linear (not Conv2d) because BAGEL checkpoints store the patch embedding pre-flattened: [hidden, patch_dim].
         self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.hidden_size)
         # Learned absolute embedding indexed by flattened grid id row·max_side + col; never interpolated.
         self.position_embedding = nn.Embedding(cfg.max_num_patch_per_side**2, cfg.hidden_size)
@@ -88,6 +70,23 @@ class SiglipNaViT(nn.Module):
 
     ``cfg.num_hidden_layers`` is the number of layers *built* (BAGEL: 26); ``post_layernorm`` follows the
     last built layer. There is no pooling head.
+
+    Input is a *packed* stream: every image is patchified into rows of ``patch_size² · 3`` pixel values
+    (order: pixel row, pixel col, channel) and all images are concatenated along the token axis. Attention is
+    bidirectional inside one image and never crosses images.
+
+    The reference runs flash-attn's varlen kernel over the packed stream. Here the stream is scattered into a
+    padded ``[n_images, max_len, hidden]`` batch with a key-padding mask, so any transformers attention backend
+    (sdpa / eager on CPU, flash-attn on CUDA) can run the stock ``SiglipEncoderLayer``. Padding rows only
+    ever act as queries (their outputs are dropped); as keys they are masked out, so the real tokens are
+    unaffected by how much padding a batch carries.
+
+    State-dict layout (relative to this module; BAGEL stores it under ``vit_model.``)::
+
+        vision_model.embeddings.patch_embedding.{weight,bias}      Linear(patch_dim -> hidden)
+        vision_model.embeddings.position_embedding.weight          Embedding(max_side², hidden)
+        vision_model.encoder.layers.{j}.{self_attn,layer_norm1,layer_norm2,mlp}.*
+        vision_model.post_layernorm.{weight,bias}
     """
 
     def __init__(self, cfg: ViTConfig, attn_implementation: str = "sdpa"):

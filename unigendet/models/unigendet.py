@@ -252,7 +252,7 @@ class UniGenDet(nn.Module):
     def forward_cached(self, hidden: torch.Tensor, position_ids: torch.Tensor, routing: Routing, attend) -> torch.Tensor:
         """Incremental inference: run the decoder on a query block of input embeddings ``hidden [N, D]``
         (from ``embed``) at absolute RoPE ids ``position_ids``, attending through ``attend`` (a KV
-        cache, see ``unigendet.inference.engine``). Returns final-normed states; the heads
+        cache, see ``unigendet.inference.cached_forward``). Returns final-normed states; the heads
         (``language_model.lm_head``, ``llm2vae``, ``detection_head``) are applied by the caller."""
         return self.language_model.model(hidden, position_ids, routing, attend=attend)[0]
 

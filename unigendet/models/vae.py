@@ -1,15 +1,4 @@
-"""FLUX.1 autoencoder (frozen) on top of diffusers' ``AutoencoderKL``.
-
-Latent convention (BAGEL ``modeling/autoencoder.py``): ``encode`` returns ``(z - shift) * scale`` where ``z``
-is a *posterior sample* (the reference samples; ``sample=False`` gives the mean), and ``decode`` inverts it
-with ``decoder(z / scale + shift)``. Images are in [-1, 1].
-
-Parity note: diffusers' ``DiagonalGaussianDistribution`` clamps logvar to [-30, 20] before sampling; the
-reference does not clamp. The two differ only for extreme logvar values, which a trained VAE does not emit.
-
-Weights come either from the original BFL ``ae.safetensors`` (LDM naming, converted by diffusers'
-``convert_ldm_vae_checkpoint``) or from our own file in diffusers naming (``save`` / ``load``).
-"""
+"""FLUX.1 autoencoder (frozen) on top of diffusers' ``AutoencoderKL``."""
 
 from __future__ import annotations
 
@@ -77,7 +66,9 @@ _ATTN_RENAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "t
 
 
 def diffusers_key_to_bfl(key: str, num_levels: int) -> str:
-    """BFL/LDM name of a diffusers ``AutoencoderKL`` state-dict key (reference §6.5).
+    """BFL/LDM name of a diffusers ``AutoencoderKL`` state-dict key (the naming of FLUX's ``ae.safetensors``),
+    e.g. ``down_blocks.i.resnets.j`` -> ``down.i.block.j``, ``conv_shortcut`` -> ``nin_shortcut``, the mid
+    attention's ``to_q``/``to_k``/``to_v``/``to_out.0`` -> ``q``/``k``/``v``/``proj_out``, decoder levels reversed.
 
     Used to check a BFL file's key set strictly *before* conversion (diffusers' converter silently drops
     keys it does not recognise) and to name offending keys in the file's own vocabulary.
@@ -127,7 +118,18 @@ def _strip_bfl_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class FluxVAE(nn.Module):
-    """Frozen FLUX autoencoder with BAGEL's latent scaling. Always in eval mode, never trainable."""
+    """Frozen FLUX autoencoder with BAGEL's latent scaling. Always in eval mode, never trainable.
+
+    Latent convention (BAGEL ``modeling/autoencoder.py``): ``encode`` returns ``(z - shift) * scale`` where ``z``
+    is a *posterior sample* (the reference samples; ``sample=False`` gives the mean), and ``decode`` inverts it
+    with ``decoder(z / scale + shift)``. Images are in [-1, 1].
+
+    Parity note: diffusers' ``DiagonalGaussianDistribution`` clamps logvar to [-30, 20] before sampling; the
+    reference does not clamp. The two differ only for extreme logvar values, which a trained VAE does not emit.
+
+    Weights come either from the original BFL ``ae.safetensors`` (LDM naming, converted by diffusers'
+    ``convert_ldm_vae_checkpoint``) or from our own file in diffusers naming (``save`` / ``load``).
+    """
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -276,6 +278,22 @@ class FluxVAE(nn.Module):
         in BFL naming. Tensors are copied into the fp32 model; call ``.to(dtype)`` afterwards as needed.
         """
         return cls.from_bfl_state_dict(load_file(str(path)), cfg, strict=strict)
+
+    def bfl_state_dict(self) -> dict[str, Tensor]:
+        """This model's weights in the original BFL/LDM layout (``ae.safetensors``): BFL key names, and the
+        mid-block attention's q/k/v/proj_out as 1x1 convolution weights, as BFL stores them."""
+        own = self.autoencoder.state_dict()
+        out = {}
+        for bfl, key in self.bfl_key_map().items():
+            value = own[key].detach()
+            if ".mid.attn_1." in bfl and ".attn_1.norm." not in bfl and bfl.endswith(".weight") and value.ndim == 2:
+                value = value[:, :, None, None]
+            out[bfl] = value.contiguous().cpu()
+        return out
+
+    def save_bfl(self, path: str | Path) -> None:
+        """Write ``ae.safetensors`` in the BFL layout that BAGEL's own loader reads (inverse of ``from_bfl_file``)."""
+        save_file(self.bfl_state_dict(), str(path))
 
     def save(self, path: str | Path) -> None:
         """Write our own safetensors file (diffusers key layout, tensors in their current dtype)."""

@@ -1,15 +1,16 @@
-"""Pieces shared by objectives: VAE encoding, flow-matching noising, count reduction."""
+"""Pieces shared by objectives: what the trainer needs from one, VAE encoding, flow-matching noising,
+count reduction."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from unigendet.data.packing import PackedBatch
-from unigendet.data.transforms import patchify_latent
 from unigendet.losses import noised_latents, sample_flow_timesteps
+from unigendet.models.latents import encode_pack_latents
 
 # Sums a count over all data-parallel ranks. Identity on one process; the trainer injects an
 # all-reduce so that losses are normalised by global token counts as in the reference.
@@ -18,6 +19,21 @@ CountReducer = Callable[[torch.Tensor], torch.Tensor]
 
 def local_counts(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+class Objective(Protocol):
+    """A training stage's objective, as the trainer uses it."""
+
+    # Sample hooks the data pipeline calls for every text-to-image sample (extra views the loss reads).
+    t2i_hooks: tuple
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the objective's own modules (e.g. a frozen teacher) to the training device."""
+
+    def __call__(self, model, batch: PackedBatch, generator: torch.Generator | None = None,
+                 reduce_counts: CountReducer = local_counts,
+                 world_size: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, detached metrics) of one packed batch."""
 
 
 @dataclass
@@ -38,13 +54,9 @@ def prepare_latents(
     """Encode the batch's VAE images (posterior samples, one size group at a time), patchify, draw
     per-image flow times for noised images and noise them. Draw order as the reference: VAE
     posterior noise first, then flow noise."""
-    if not batch.vae_images:
+    x0 = encode_pack_latents(batch, vae, latent_patch_size, generator)
+    if x0 is None:
         return None
-    latents = vae.encode_list(batch.vae_images, generator=generator)
-    x0 = torch.cat([patchify_latent(z, latent_patch_size) for z in latents]).float()
-    expected = batch.num_latent_tokens
-    if x0.shape[0] != expected:
-        raise ValueError(f"VAE produced {x0.shape[0]} latent tokens, the pack expects {expected}")
     n_img = len(batch.vae_images)
     t_img = torch.zeros(n_img, device=x0.device)
     noised = batch.vae_noised.to(x0.device)

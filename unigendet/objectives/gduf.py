@@ -8,17 +8,18 @@ from typing import Literal
 import torch
 
 from unigendet.config.loader import ConfigError
+from unigendet.config.ranges import require_non_negative, require_positive
 from unigendet.data.packing import PackedBatch
 from unigendet.losses import detection_loss, flow_matching_loss, token_ce_loss
-from unigendet.losses.core import fake_probability
+from unigendet.models.bridges import fake_probability
 from unigendet.objectives.common import CountReducer, local_counts, prepare_latents
 
 
 @dataclass
 class GDUFLossConfig:
-    """Loss weights. Defaults are the official code's (CE 1.0, detection 0.2, MSE 1.0); the paper
-    uses 1 / 1 / 1. ``detection_normalization``: "local" = mean over this rank's detection samples
-    (reference), "global" = sum over the global count like CE and MSE."""
+    """The GDUF stage's settings: its loss weights. Defaults are the official code's (CE 1.0,
+    detection 0.2, MSE 1.0); the paper uses 1 / 1 / 1. ``detection_normalization``: "local" = mean
+    over this rank's detection samples (reference), "global" = sum over the global count like CE and MSE."""
 
     ce_weight: float = 1.0
     mse_weight: float = 1.0
@@ -27,19 +28,28 @@ class GDUFLossConfig:
     timestep_shift: float = 1.0
 
     def validate(self) -> None:
-        for name in ("ce_weight", "mse_weight", "det_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be non-negative")
-        if self.timestep_shift <= 0:
-            raise ConfigError("timestep_shift must be positive")
+        weights = ("ce_weight", "mse_weight", "det_weight")
+        for name in weights:
+            require_non_negative(name, getattr(self, name))
+        if not any(getattr(self, name) > 0 for name in weights):
+            raise ConfigError("ce_weight, mse_weight, det_weight: at least one must be > 0")
+        require_positive("timestep_shift", self.timestep_shift)
 
 
 class GDUFObjective:
+    """Explanation CE, detection loss and flow matching, each normalised by its global count."""
+
+    # GDUF trains on the samples as the sources encode them: no extra views.
+    t2i_hooks = ()
+
     def __init__(self, loss: GDUFLossConfig, vae, latent_patch_size: int, detection_kind: str):
         self.loss = loss
         self.vae = vae
         self.latent_patch_size = latent_patch_size
         self.detection_kind = detection_kind
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Nothing to move: the objective holds no modules of its own (the VAE is the trainer's)."""
 
     def __call__(
         self,

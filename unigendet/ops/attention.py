@@ -1,20 +1,5 @@
-"""Packed attention over a flat token stream holding several samples, each made of splits.
-
-A split is a run of tokens with one attention mode (BAGEL's packed-sequence format):
-
-- ``causal``: causal inside the split, sees every visible earlier token of its sample;
-- ``full``: bidirectional inside the split, sees every visible earlier token of its sample;
-- ``noise``: like ``full``, but no token outside the split may ever attend to it (images being
-  denoised must not leak into later text).
-
-For query ``i`` and key ``j`` of the same sample:
-``allowed = (j <= i or (split(i) == split(j) and mode(i) != causal)) and not (mode(j) == noise and split(j) != split(i))``.
-Different samples never see each other.
-
-Three interchangeable backends compute the same numbers: ``sdpa`` (dense boolean mask per sample),
-``flex`` (one BlockMask over the pack) and ``flash`` (flash-attn varlen over a split-wise
-decomposition). The structure each needs is derived once per batch by ``prepare`` and reused by
-every layer. Optional kernels are imported lazily at construction.
+"""Packed attention over a flat token stream holding several samples, each made of splits (BAGEL's
+packed-sequence format): the mask rule and three interchangeable backends that compute the same numbers.
 """
 
 from __future__ import annotations
@@ -34,7 +19,15 @@ ATTN_MODES = ("causal", "full", "noise")
 @dataclass(frozen=True)
 class PackedLayout:
     """Split structure of a packed stream. ``split_lens``/``attn_modes`` run over all splits of all
-    samples in order; ``sample_lens`` group consecutive splits into samples."""
+    samples in order; ``sample_lens`` group consecutive splits into samples.
+
+    A split is a run of tokens with one attention mode:
+
+    - ``causal``: causal inside the split, sees every visible earlier token of its sample;
+    - ``full``: bidirectional inside the split, sees every visible earlier token of its sample;
+    - ``noise``: like ``full``, but no token outside the split may ever attend to it (images being
+      denoised must not leak into later text).
+    """
 
     sample_lens: tuple[int, ...]
     split_lens: tuple[int, ...]
@@ -90,7 +83,12 @@ def _sample_of_split(layout: PackedLayout) -> list[int]:
 
 
 def allowed_mask(sample_ids, split_ids, modes, q_idx, kv_idx):
-    """Elementwise mask rule shared by the dense masks and flex's ``mask_mod``."""
+    """Elementwise mask rule shared by the dense masks and flex's ``mask_mod``.
+
+    For query ``i`` and key ``j`` of the same sample: ``allowed = (j <= i or (split(i) == split(j) and
+    mode(i) != causal)) and not (mode(j) == noise and split(j) != split(i))``. Different samples never see
+    each other.
+    """
     same_sample = sample_ids[q_idx] == sample_ids[kv_idx]
     same_split = split_ids[q_idx] == split_ids[kv_idx]
     causal_id = ATTN_MODES.index("causal")
@@ -277,7 +275,12 @@ class VarlenAttention:
 
 
 def build_attention(backend: str, **kwargs: Any):
-    """Construct the backend named in the model config (imports optional kernels here, not at import)."""
+    """Construct the backend named in the model config (imports optional kernels here, not at import).
+
+    ``sdpa`` uses a dense boolean mask per sample, ``flex`` one BlockMask over the pack and ``flash`` flash-attn
+    varlen over a split-wise decomposition. Each derives its structure once per batch in ``prepare`` and
+    every layer reuses it.
+    """
     if backend == "sdpa":
         return SDPAAttention()
     if backend == "flex":

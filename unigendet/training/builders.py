@@ -1,37 +1,60 @@
-"""Start-up builders: each turns one section of the TrainConfig into the object the loop needs."""
+"""Start-up builders: the tokenizer and the model and VAE (from ``InitConfig``), and the stage's objective."""
 
 from __future__ import annotations
 
+import json
 import logging
-import re
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Literal
 
 from unigendet.config.loader import ConfigError, to_dict
+from unigendet.data.pipeline import SourceConfig
 from unigendet.data.tokenizer import (
     build_tiny_tokenizer,
     load_tokenizer,
     special_token_ids,
 )
+from unigendet.models.config import ModelConfig
 from unigendet.models.unigendet import UniGenDet
 from unigendet.models.vae import FluxVAE
-from unigendet.training.config import FreezeConfig, LoRAConfig, TrainConfig
+from unigendet.objectives import GDUFLossConfig, GDUFObjective, Objective
+from unigendet.objectives.diga import DIGAConfig, DIGAObjective
 
 logger = logging.getLogger(__name__)
 
 _GEOMETRY_SECTIONS = ("llm", "vit", "vae")
 
 
-def _texts_for_tiny_tokenizer(cfg: TrainConfig) -> list[str]:
+@dataclass
+class InitConfig:
+    """Where the weights come from. ``random``: fresh init of ``model``; ``bagel``: a BAGEL /
+    UniGenDet directory (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors,
+    tokenizer), whose geometry must equal ``model``'s; ``unigendet``: a directory exported by
+    this project (``save_pretrained`` layout)."""
+
+    kind: Literal["random", "bagel", "unigendet"] = "random"
+    path: str | None = None
+    # Fine-tuned weights that override the base directory's keys (bagel only).
+    weights: str | None = None
+    # Tokenizer directory; defaults to ``path``. ``tiny`` trains a small byte-level BPE on the
+    # run's own texts (demo and tests only).
+    tokenizer: str | None = None
+
+    def validate(self) -> None:
+        if self.kind != "random" and not self.path:
+            raise ConfigError(f"path is required when kind is {self.kind!r}")
+        if self.kind == "random" and self.tokenizer is None:
+            raise ConfigError("tokenizer is required when kind is 'random' (a directory, or 'tiny')")
+
+
+def _texts_for_tiny_tokenizer(sources: dict[str, SourceConfig]) -> list[str]:
     """The run's own texts (questions, answers, captions) plus fixed phrases, so the tiny BPE
     covers them. Read identically on every rank, so every rank builds the same tokenizer."""
-    import json
-
     import pyarrow.parquet as pq
 
     texts = ["This is a real image.", "This is a fake image.", "Is this image real or fake?"]
-    for source in cfg.data.sources.values():
+    for source in sources.values():
         if source.kind == "fakeclue":
             for entry in json.loads(Path(source.json_path).read_text()):
                 for turn in entry.get("conversations", []) if isinstance(entry, dict) else []:
@@ -47,14 +70,15 @@ def _texts_for_tiny_tokenizer(cfg: TrainConfig) -> list[str]:
     return texts
 
 
-def build_tokenizer(cfg: TrainConfig):
-    name = cfg.init.tokenizer or cfg.init.path
+def build_tokenizer(init: InitConfig, vocab_size: int, sources: dict[str, SourceConfig]):
+    """(tokenizer, special ids); ``sources`` supply the texts of a ``tiny`` tokenizer."""
+    name = init.tokenizer or init.path
     if name == "tiny":
-        tokenizer = build_tiny_tokenizer(_texts_for_tiny_tokenizer(cfg), vocab_size=cfg.model.llm.vocab_size)
+        tokenizer = build_tiny_tokenizer(_texts_for_tiny_tokenizer(sources), vocab_size=vocab_size)
     else:
         tokenizer = load_tokenizer(name)
-    if len(tokenizer) > cfg.model.llm.vocab_size:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is {cfg.model.llm.vocab_size}")
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size is {vocab_size}")
     return tokenizer, special_token_ids(tokenizer)
 
 
@@ -66,118 +90,33 @@ def _check_same_geometry(expected, found, where: str) -> None:
         raise ConfigError(f"model geometry in the config disagrees with {where}: " + "; ".join(diffs))
 
 
-def build_model_and_vae(cfg: TrainConfig, tokenizer) -> tuple[UniGenDet, FluxVAE]:
-    init = cfg.init
+def build_model_and_vae(init: InitConfig, model: ModelConfig) -> tuple[UniGenDet, FluxVAE]:
     if init.kind == "random":
-        return UniGenDet(cfg.model), FluxVAE(cfg.model.vae)
+        return UniGenDet(model), FluxVAE(model.vae)
     if init.kind == "bagel":
         from unigendet.checkpoint.bagel import load_bagel_checkpoint
 
-        model, vae, _ = load_bagel_checkpoint(init.path, weights=init.weights, attn_backend=cfg.model.attn_backend,
-                                              detection_head=cfg.model.detection_head,
-                                              detection_loss=cfg.model.detection_loss,
-                                              diga_projector=cfg.model.diga_projector,
-                                              max_latent_size=cfg.model.max_latent_size)
-        _check_same_geometry(cfg.model, model.config, init.path)
-        return model.train(), vae
+        loaded, vae, _ = load_bagel_checkpoint(init.path, weights=init.weights, attn_backend=model.attn_backend,
+                                               detection_head=model.detection_head,
+                                               detection_loss=model.detection_loss,
+                                               diga_projector=model.diga_projector,
+                                               max_latent_size=model.max_latent_size)
+        _check_same_geometry(model, loaded.config, init.path)
+        return loaded.train(), vae
     from unigendet.checkpoint.export import load_model_directory
 
-    model, vae, _ = load_model_directory(init.path, attn_backend=cfg.model.attn_backend,
-                                         diga_projector=cfg.model.diga_projector,
-                                         diga_projector_mult=cfg.model.diga_projector_mult)
-    _check_same_geometry(cfg.model, model.config, init.path)
-    return model.train(), vae
+    loaded, vae, _ = load_model_directory(init.path, attn_backend=model.attn_backend,
+                                          diga_projector=model.diga_projector,
+                                          diga_projector_mult=model.diga_projector_mult)
+    _check_same_geometry(model, loaded.config, init.path)
+    return loaded.train(), vae
 
 
-def _freeze_patterns(freeze: FreezeConfig) -> list[str]:
-    layers = r"language_model\.model\.(layers\.\d+\.[^.]+(\.[^.]+)*|norm(_moe_gen)?)\."
-    patterns = []
-    if freeze.vit:
-        patterns.append(r"^vit_model\.")
-    if freeze.connector:
-        patterns.append(r"^connector\.")
-    if freeze.embeddings:
-        patterns.append(r"^language_model\.model\.embed_tokens\.")
-    if freeze.lm_head:
-        patterns.append(r"^language_model\.lm_head\.")
-    if freeze.detection_head:
-        patterns.append(r"^detection_head\.")
-    if freeze.gen_expert:
-        patterns.append(r"^language_model\.model\..*_moe_gen")
-        patterns.append(r"^(time_embedder|vae2llm|llm2vae)\.")
-    if freeze.und_expert:
-        # The und expert is every decoder weight without the gen suffix (plus the und final norm).
-        patterns.append(r"^(?!.*_moe_gen)" + layers)
-    return patterns
+def build_objective(stage: str, stage_cfg: GDUFLossConfig | DIGAConfig, model_cfg: ModelConfig, model: UniGenDet,
+                    vae: FluxVAE) -> Objective:
+    """The stage's objective. DIGA copies its frozen teacher from ``model`` here, so call this on the
+    stage-1 weights, before anything is frozen or adapted."""
+    if stage == "gduf":
+        return GDUFObjective(stage_cfg, vae, model_cfg.latent_patch_size, model_cfg.detection_loss)
+    return DIGAObjective.build(stage_cfg, model, vae, model_cfg.latent_patch_size)
 
-
-def apply_freeze(model: torch.nn.Module, freeze: FreezeConfig) -> None:
-    patterns = [re.compile(p) for p in _freeze_patterns(freeze)]
-    frozen = 0
-    for name, p in model.named_parameters():
-        if any(pat.search(name) for pat in patterns):
-            p.requires_grad_(False)
-            frozen += p.numel()
-    if patterns:
-        logger.info("froze %.2fM parameters", frozen / 1e6)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("freeze: every parameter is frozen; nothing would train")
-
-
-def lora_target_regex(lora: LoRAConfig) -> str:
-    suffix = {"und": "", "gen": "_moe_gen"}
-    alts = []
-    for expert in lora.experts:
-        s = suffix[expert]
-        attn = [t for t in lora.targets if t.endswith("proj") and t[0] in "qkvo"]
-        mlp = [t for t in lora.targets if t in ("gate_proj", "up_proj", "down_proj")]
-        if attn:
-            alts.append(rf"self_attn\.({'|'.join(attn)}){s}")
-        if mlp:
-            alts.append(rf"mlp{s}\.({'|'.join(mlp)})")
-    return rf"language_model\.model\.layers\.\d+\.({'|'.join(alts)})"
-
-
-def apply_lora(model: UniGenDet, lora: LoRAConfig) -> UniGenDet:
-    """Inject peft LoRA adapters into the chosen experts' projections; everything else frozen."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    unknown = set(lora.targets) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    if unknown:
-        raise ConfigError(f"lora.targets: unknown module names {sorted(unknown)}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora_target_regex(lora))
-    model = inject_adapter_in_model(config, model)
-    n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" in n_)
-    logger.info("LoRA r=%d on %s experts: %.2fM trainable parameters", lora.r, "+".join(lora.experts), n / 1e6)
-    return model
-
-
-def build_teacher(model: UniGenDet, layers: int | None) -> UniGenDet:
-    """A frozen copy of the stage-1 model for DIGA, keeping only the decoder layers it reads."""
-    import copy
-
-    teacher = copy.deepcopy(model)
-    if layers is not None:
-        teacher.language_model.model.layers = teacher.language_model.model.layers[:layers]
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
-def build_objective(cfg: TrainConfig, vae: FluxVAE, teacher: UniGenDet | None = None):
-    if cfg.stage == "gduf":
-        from unigendet.objectives import GDUFObjective
-
-        return GDUFObjective(cfg.loss, vae, cfg.model.latent_patch_size, cfg.model.detection_loss)
-    from unigendet.objectives.diga import DIGAObjective
-
-    return DIGAObjective(cfg.diga, teacher, vae, cfg.model.latent_patch_size, cfg.loss.mse_weight,
-                         cfg.loss.timestep_shift)
-
-
-def build_data(cfg: TrainConfig, tokenizer, special, rank: int, world: int):
-    from unigendet.data.pipeline import PackedDataLoader
-
-    return PackedDataLoader.from_config(cfg, tokenizer, special, rank, world)

@@ -1,28 +1,27 @@
-"""Exponential moving average of the trainable weights, sharded across ranks.
-
-The reference deep-copies the whole model on every rank before sharding (host-RAM blowups at 7B).
-Here each rank keeps fp32 averages of only its share:
-
-* ZeRO-0/1/2 (parameters replicated): every trainable parameter has one owner rank, assigned
-  greedily by size; only the owner keeps and updates its average.
-* ZeRO-3 (parameters partitioned): each rank averages its own partition (``param.ds_tensor``).
-
-So the EMA costs ``4 bytes x trainable parameters / world_size`` per rank. It is saved per rank
-next to DeepSpeed's files and consolidated on rank 0 only when exported. Under bf16 the averaged
-values are the bf16 model weights (not DeepSpeed's fp32 master copy), accumulated in fp32.
-"""
+"""Exponential moving average of the trainable weights, sharded across ranks."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from unigendet.config.ranges import require_range
 from unigendet.distributed import is_main_process, rank, world_size
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.99
+
+    def validate(self) -> None:
+        require_range("decay", self.decay, 0, 1, low_open=True, high_open=True)
 
 
 def assign_owners(sizes: list[int], world: int) -> list[int]:
@@ -37,6 +36,21 @@ def assign_owners(sizes: list[int], world: int) -> list[int]:
 
 
 class ShardedEMA:
+    """fp32 averages of this rank's share of the trainable weights: ``update`` after each optimiser step,
+    ``save``/``load`` per rank, ``consolidated`` for export.
+
+    The reference deep-copies the whole model on every rank before sharding (host-RAM blowups at 7B).
+    Here each rank keeps fp32 averages of only its share:
+
+    * ZeRO-0/1/2 (parameters replicated): every trainable parameter has one owner rank, assigned
+      greedily by size; only the owner keeps and updates its average.
+    * ZeRO-3 (parameters partitioned): each rank averages its own partition (``param.ds_tensor``).
+
+    So the EMA costs ``4 bytes x trainable parameters / world_size`` per rank. It is saved per rank
+    next to DeepSpeed's files and consolidated on rank 0 only when exported. Under bf16 the averaged
+    values are the bf16 model weights (not DeepSpeed's fp32 master copy), accumulated in fp32.
+    """
+
     def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int):
         self.decay = decay
         self.zero3 = zero_stage == 3
@@ -62,16 +76,23 @@ class ShardedEMA:
         for i, avg in self.shadow.items():
             avg.mul_(self.decay).add_(self._source(i).float(), alpha=1.0 - self.decay)
 
-    # ---- checkpoints: one file per rank, written next to DeepSpeed's
+    # ---- checkpoints: one safetensors file per rank, written next to DeepSpeed's
+
+    def _shard_path(self, directory: Path) -> Path:
+        return directory / f"ema_rank{rank():05d}.safetensors"
 
     def save(self, directory: Path) -> None:
-        torch.save({self.names[i]: t.cpu() for i, t in self.shadow.items()}, directory / f"ema_rank{rank():05d}.pt")
+        from safetensors.torch import save_file
+
+        save_file({self.names[i]: t.cpu() for i, t in self.shadow.items()}, str(self._shard_path(directory)))
 
     def load(self, directory: Path) -> None:
-        path = directory / f"ema_rank{rank():05d}.pt"
+        from safetensors.torch import load_file
+
+        path = self._shard_path(directory)
         if not path.is_file():
             raise FileNotFoundError(f"EMA is enabled but {path} is missing (was the checkpoint written without EMA?)")
-        saved = torch.load(path, map_location="cpu")
+        saved = load_file(str(path))
         for i in self.owned:
             self.shadow[i].copy_(saved[self.names[i]])
 
@@ -105,3 +126,8 @@ class ShardedEMA:
         else:
             dist.all_gather(parts, local)
         return torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+
+
+def build_ema(cfg: EMAConfig, module: torch.nn.Module, zero_stage: int) -> ShardedEMA | None:
+    """The EMA of ``module``'s trainable weights (the engine's module, so ZeRO-3 partitions exist), or None."""
+    return ShardedEMA(module, cfg.decay, zero_stage) if cfg.enabled else None

@@ -1,8 +1,16 @@
-"""The training loop for GDUF (and DIGA): build from a TrainConfig, train, checkpoint, export.
+"""The training loop shared by GDUF and DIGA; ``Trainer(cfg).train()`` is all an entry point calls.
 
-``Trainer(cfg).train()`` is all an entry point does. Each piece is a named step so the loop
-stays short: ``_build_*`` at start-up, ``train_step`` per step, ``_maybe_log`` / ``_maybe_save``.
-Errors are never swallowed: a failing step stops the run with its traceback.
+The constructor wires the components, each built from its own config section: tokenizer, model and
+VAE, the stage's objective (DIGA's frozen teacher with it), freezing/LoRA, the packed data (with the
+objective's sample hooks), the DeepSpeed engine, EMA, checkpoints and metrics; then it resumes from a
+checkpoint when asked. ``train`` runs the optimiser steps, then exports the final model (and its
+EMA). Errors are never swallowed: a failing step stops the run with its traceback.
+
+Failure behaviour: a step with a non-finite loss or gradient norm is skipped on every rank, and a run
+that keeps failing or whose loss explodes stops with ``TrainingDivergedError``, exporting nothing
+(``unigendet.training.guard``); a preemption signal ends the run with a checkpoint and exit status 75
+(``unigendet.training.preemption``); checkpoints are written atomically and checked before resuming
+(``unigendet.checkpoint.manager``).
 """
 
 from __future__ import annotations
@@ -11,12 +19,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from unigendet.checkpoint.manager import CheckpointManager, consolidated_state_dict
-from unigendet.config.loader import save_config
+from unigendet.config.loader import save_config, to_dict
+from unigendet.data.packing import PackedBatch
+from unigendet.data.pipeline import PackedDataLoader
 from unigendet.distributed import (
     all_reduce_sum,
     init_process_group,
@@ -24,20 +34,15 @@ from unigendet.distributed import (
     rank,
     world_size,
 )
-from unigendet.distributed.engine import build_engine, resolve_deepspeed_config
-from unigendet.training.builders import (
-    apply_freeze,
-    apply_lora,
-    build_data,
-    build_model_and_vae,
-    build_objective,
-    build_teacher,
-    build_tokenizer,
-)
+from unigendet.distributed.engine import StepGate, build_engine
+from unigendet.models.config import pack_geometry
+from unigendet.training.builders import build_model_and_vae, build_objective, build_tokenizer
 from unigendet.training.config import TrainConfig
-from unigendet.training.ema import ShardedEMA
+from unigendet.training.ema import build_ema
+from unigendet.training.freeze import apply_freeze, apply_lora
+from unigendet.training.guard import DivergenceGuard
 from unigendet.training.metrics import MetricsLogger
-from unigendet.training.optim import lr_multiplier
+from unigendet.training.preemption import EXIT_PREEMPTED, PreemptionWatch, TrainingPreempted
 from unigendet.utils.seeding import rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -58,97 +63,169 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class StepAgreement:
+    """What every rank knows after the step's one all-reduce (the same values on every rank)."""
+
+    loss: float  # mean over ranks and micro-steps; NaN if any was NaN
+    nonfinite: bool  # some rank saw a non-finite loss (or unchecked non-finite gradients)
+    preempt: bool  # some rank received a preemption signal
+
+
 class Trainer:
+    """One training run; its state (step, tokens seen, data position, RNG streams) is saved with every
+    checkpoint so a resumed run continues exactly."""
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        # Missing inputs are config errors, reported before anything is built.
+        cfg.check_inputs()
         self.device = resolve_device(cfg.device)
         init_process_group(self.device.type)
-        self.bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = cfg.deepspeed.use_bf16(self.device.type)
         # Same seed on every rank for model construction (DeepSpeed also broadcasts rank 0's
         # weights); per-rank streams (noise, data) are derived from (seed, rank) below.
         seed_everything(cfg.seed)
-        self.tokenizer, self.special = build_tokenizer(cfg)
-        self.model, self.vae = build_model_and_vae(cfg, self.tokenizer)
-        # DIGA's teacher is copied from the stage-1 weights before anything is frozen or adapted.
-        self.teacher = build_teacher(self.model, cfg.diga.teacher_layer) if cfg.stage == "diga" else None
-        apply_freeze(self.model, cfg.freeze)
-        if cfg.lora.enabled:
-            self.model = apply_lora(self.model, cfg.lora)
-        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
-        self.vae.to(self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
-        if self.teacher is not None:
-            self.teacher.to(self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
-        self.objective = build_objective(cfg, self.vae, self.teacher)
-        self.data = build_data(cfg, self.tokenizer, self.special, rank(), world_size())
-        ds_config = resolve_deepspeed_config(cfg, self.bf16)
-        schedule = lr_multiplier(cfg.optim.warmup_steps, cfg.total_steps, cfg.optim.decay, cfg.optim.min_lr_ratio)
-        self.engine, self.optimizer, self.scheduler = build_engine(self.model, ds_config, schedule, cfg.optim.weight_decay)
-        self.ema = ShardedEMA(self.engine.module, cfg.ema.decay, cfg.deepspeed.zero_stage) if cfg.ema.enabled else None
+        self._build_model_and_objective()
+        self.preemption = PreemptionWatch(cfg.preemption.signal_numbers(), cfg.preemption.duplicate_window_s)
+        self.data = PackedDataLoader.build(cfg.data, self.tokenizer, self.special, pack_geometry(cfg.model), rank(),
+                                           world_size(), t2i_hooks=self.objective.t2i_hooks,
+                                           worker_shielded_signals=self.preemption.signals)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg.deepspeed, cfg.optim,
+                                                                   cfg.total_steps, self.bf16)
+        self.gate = StepGate(self.engine)
+        self.guard = DivergenceGuard(cfg.guard)
+        self.ema = build_ema(cfg.ema, self.engine.module, cfg.deepspeed.zero_stage)
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + rank())
-        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last_k, cfg)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, run_config=cfg)
         self.state = TrainState()
-        self.metrics = MetricsLogger(cfg, self.device)
+        self.metrics = MetricsLogger(cfg.logging, cfg.checkpoint.dir, cfg.total_steps, self.device,
+                                     run_config=to_dict(cfg))
         self._resume()
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info("model: %.2fM trainable parameters; ZeRO-%d; %s; world size %d", n_train / 1e6,
                     cfg.deepspeed.zero_stage, "bf16" if self.bf16 else "fp32", world_size())
 
+    def _build_model_and_objective(self) -> None:
+        cfg = self.cfg
+        self.tokenizer, self.special = build_tokenizer(cfg.init, cfg.model.llm.vocab_size, cfg.data.sources)
+        self.model, self.vae = build_model_and_vae(cfg.init, cfg.model)
+        # The objective comes first: DIGA copies its teacher from the stage-1 weights, before anything
+        # is frozen or adapted.
+        self.objective = build_objective(cfg.stage, cfg.stage_config, cfg.model, self.model, self.vae)
+        apply_freeze(self.model, cfg.freeze)
+        if cfg.lora.enabled:
+            self.model = apply_lora(self.model, cfg.lora)
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.vae.to(self.device, dtype=dtype)
+        self.objective.to(self.device, dtype)
+
     # ---------------------------------------------------------------------------------------------
 
-    def _per_rank_state(self) -> dict[str, Any]:
+    def _rank_state(self) -> dict[str, Any]:
         return {"data": self.data.state_dict(), "rng": rng_state(), "noise": self.noise.get_state(),
                 "tokens_seen": self.state.tokens_seen}
 
     def _resume(self) -> None:
-        path = self.checkpoints.resolve_resume(self.cfg.checkpoint.resume)
+        path = self.checkpoints.resolve_resume()
         if path is None:
             return
-        step, state = self.checkpoints.load(self.engine, path)
+        trainer_state, state = self.checkpoints.load(self.engine, path)
         if self.ema is not None:
             self.ema.load(path)
-        self.state.step = step
+        self.state.step = trainer_state["step"]
+        self.guard.load_state_dict(trainer_state["guard"])
         self.state.tokens_seen = state["tokens_seen"]
         self.data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.noise.set_state(state["noise"])
 
-    def train_step(self, batch) -> dict[str, torch.Tensor]:
+    def forward_backward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-step's forward, loss and backward; returns the (detached) loss and the metrics."""
         self.engine.train()
         loss, metrics = self.objective(self.engine, batch.to(self.device), self.noise,
                                        reduce_counts=all_reduce_sum, world_size=world_size())
         self.engine.backward(loss)
-        self.engine.step()
-        return metrics
+        return loss.detach(), metrics
+
+    def optimizer_step(self, batches: Iterator[PackedBatch]) -> bool:
+        """The micro-steps of one optimizer step, the guard's decision, the update (or its skip), then EMA,
+        the data-quality check and the metrics. Returns whether some rank asked to stop for preemption."""
+        start = time.perf_counter()
+        gas = self.cfg.deepspeed.gradient_accumulation_steps
+        loss_sum = torch.zeros((), device=self.device)
+        nonfinite = torch.zeros((), device=self.device)
+        for micro in range(gas):
+            batch = next(batches)
+            loss, metrics = self.forward_backward(batch)
+            loss_sum += loss.float()
+            nonfinite += (~torch.isfinite(loss)).float()
+            self.state.tokens_seen += batch.sequence_length
+            if micro < gas - 1:
+                self.engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
+        step = self.state.step + 1
+        agreed = self._agree(loss_sum / gas, nonfinite + self.gate.local_nonfinite_gradients())
+        self.guard.check_spike(step, agreed.loss)
+        applied = self.gate.step(skip=agreed.nonfinite)
+        self.state.step = step
+        grad_norm = self.engine.get_global_grad_norm()
+        self.guard.record(step, agreed.loss, applied, grad_norm)
+        if self.ema is not None and applied:
+            self.ema.update()
+        self.data.check_quality()
+        self.metrics.record(step, metrics, batch.sequence_length, time.perf_counter() - start, self.engine,
+                            self.scheduler, counters=self.guard.counters())
+        self.guard.stop_if_stuck(step, agreed.loss, grad_norm)
+        return agreed.preempt
+
+    def _agree(self, loss: torch.Tensor, nonfinite: torch.Tensor) -> StepAgreement:
+        """One all-reduce (and host sync) per optimizer step: loss, non-finite count, preemption flag."""
+        preempt = torch.tensor(float(self.preemption.requested), device=self.device)
+        total = all_reduce_sum(torch.stack([loss.float(), nonfinite.float(), preempt])).tolist()
+        return StepAgreement(loss=total[0] / world_size(), nonfinite=total[1] > 0, preempt=total[2] > 0)
+
+    def save_checkpoint(self) -> Path:
+        trainer_state = {"guard": self.guard.state_dict()}
+        return self.checkpoints.save(self.engine, self.state.step, trainer_state, self._rank_state(),
+                                     write_extra=None if self.ema is None else self.ema.save)
 
     def train(self) -> TrainState:
-        cfg = self.cfg
+        """Train to ``total_steps`` and export. Raises ``TrainingDivergedError`` (nothing exported) when the
+        guard stops the run, and ``TrainingPreempted`` (exit status 75) after a preemption checkpoint."""
+        self.preemption.install()
+        batches = iter(self.data)
         try:
             self.metrics.start(self.state.step)
-            data_iter = iter(self.data)
-            while self.state.step < cfg.total_steps:
-                start = time.perf_counter()
-                for _ in range(cfg.deepspeed.gradient_accumulation_steps):
-                    batch = next(data_iter)
-                    metrics = self.train_step(batch)
-                    self.state.tokens_seen += batch.sequence_length
-                self.state.step += 1
-                if self.ema is not None:
-                    self.ema.update()
-                self.data.check_quality()
-                self.metrics.record(self.state.step, metrics, batch.sequence_length,
-                                    time.perf_counter() - start, self.engine, self.scheduler)
-                if self.state.step % cfg.checkpoint.interval == 0 or self.state.step == cfg.total_steps:
-                    self.checkpoints.save(self.engine, self.state.step, self._per_rank_state(),
-                                          write_extra=None if self.ema is None else self.ema.save)
+            while self.state.step < self.cfg.total_steps:
+                preempt = self.optimizer_step(batches)
+                saved = self.save_checkpoint() if self.checkpoints.due(self.state.step, self.cfg.total_steps) else None
+                if preempt:
+                    self._exit_for_preemption(saved)
             self.state.history = self.metrics.history
-            if cfg.checkpoint.export_final:
-                self.export(Path(cfg.checkpoint.dir) / "final")
-                if self.ema is not None:
-                    self.export(Path(cfg.checkpoint.dir) / "final_ema", ema=True)
+            self._export_final()
             return self.state
         finally:
+            self.preemption.restore()
             self.metrics.close()
+            # Stop the DataLoader workers now (gracefully), not when a traceback releases them at exit.
+            batches.close()
             self.data.close()
+
+    def _exit_for_preemption(self, saved: Path | None) -> None:
+        path = saved if saved is not None else self.save_checkpoint()
+        if is_main_process():
+            logger.warning("preempted: stopped after step %d with checkpoint %s; exiting with status %d (resuming "
+                           "continues from it)", self.state.step, path, EXIT_PREEMPTED)
+        raise TrainingPreempted(self.state.step, path)
+
+    def _export_final(self) -> None:
+        if not self.cfg.checkpoint.export_final:
+            return
+        directory = Path(self.cfg.checkpoint.dir)
+        self.export(directory / "final")
+        if self.ema is not None:
+            self.export(directory / "final_ema", ema=True)
 
     def export(self, directory: Path, ema: bool = False) -> None:
         """Consolidated safetensors model directory (``UniGenDet.from_pretrained`` layout), plus
@@ -161,6 +238,7 @@ class Trainer:
         if ema:
             state.update(self.ema.consolidated())
         if is_main_process():
-            save_model_directory(directory, module, state, self.vae, self.tokenizer, self.cfg)
+            lora_scaling = self.cfg.lora.scaling if self.cfg.lora.enabled else None
+            save_model_directory(directory, module, state, self.vae, self.tokenizer, lora_scaling)
             save_config(self.cfg, Path(directory) / "train_config.yaml")
             logger.info("exported model to %s", directory)
