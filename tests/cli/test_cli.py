@@ -342,3 +342,17 @@ def test_post_init_errors_become_config_errors_with_the_section():
     holder = dataclasses.make_dataclass("Holder", [("decoding", DecodingConfig)])
     with pytest.raises(ConfigError, match=r"^decoding\.temperature must be > 0"):
         from_dict(holder, {"decoding": {"temperature": 0.0}})
+
+
+def test_a_list_flag_hands_back_the_overrides_after_it(tmp_path):
+    """``--generators A B key=value``: the key=value word is an override, not a third generator."""
+    from unigendet.cli import COMMANDS
+    from unigendet.config.command_line import config_data, parse_command_line, resolve
+    from unigendet.config.loader import from_dict
+
+    command = next(c for c in COMMANDS if c.name == "eval arforensics")
+    ns = parse_command_line(command, ["--model", str(tmp_path), "--root", str(tmp_path),
+                                      "--generators", "VAR", "RAR", "detection.batch_size=3"])
+    cls = resolve(command.config)
+    cfg = from_dict(cls, config_data(command, cls, ns))
+    assert cfg.detection.groups == ["VAR", "RAR"] and cfg.detection.batch_size == 3

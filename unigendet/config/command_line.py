@@ -142,6 +142,16 @@ def _split_words(words: list[str], cls: type, positional: str | None) -> tuple[l
     return overrides, items
 
 
+def _without_overrides(values: list[str], cls: type) -> tuple[list[str], list[str]]:
+    """(values, key=value words whose key starts with a section of ``cls``) of a list flag's words."""
+    sections = {f.name for f in fields(cls)}
+    kept, overrides = [], []
+    for word in values:
+        key = re.match(r"([A-Za-z_][\w.\[\]]*)=", word)
+        (overrides if key and key.group(1).split(".")[0] in sections else kept).append(word)
+    return kept, overrides
+
+
 def _typed(value: Any, cls: type, key: str) -> Any:
     is_text = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
     return parse_text(value, key_type(cls, key)) if is_text else value
@@ -156,13 +166,17 @@ def config_data(command: Command, cls: type, ns: argparse.Namespace) -> dict[str
         set_key(data, key, value)
     if ns.config:
         data = deep_merge(data, load_yaml(ns.config))
+    words = list(ns.words)
     for i, flag in enumerate(command.flags):
         if hasattr(ns, f"flag{i}"):
             given = getattr(ns, f"flag{i}")
+            if isinstance(given, list):  # a list flag swallows the words after it: hand back the key=value ones
+                given, trailing = _without_overrides(given, cls)
+                words += trailing
             values = flag.expand(given) if flag.expand else {key: given for key in flag.keys}
             for key, value in values.items():
                 set_key(data, key, _typed(value, cls, key))
-    overrides, items = _split_words(ns.words, cls, command.positional)
+    overrides, items = _split_words(words, cls, command.positional)
     if items:
         set_key(data, command.positional, items)
     return apply_overrides(data, overrides)

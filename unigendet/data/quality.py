@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from unigendet.config.loader import ConfigError
 from unigendet.utils.errors import RunError
 
 
@@ -55,8 +56,9 @@ class BadSample(Exception):
         return type(self), (self.reason, self.detail)
 
 
-class DataFormatError(ValueError):
-    """A whole dataset file is unusable (unparsable, wrong structure, missing columns)."""
+class DataFormatError(ConfigError):
+    """A whole dataset file is unusable (unparsable, wrong structure, missing columns); the command line
+    reports it as a configuration error (exit 2), since the file is named by the config."""
 
 
 class DataQualityError(RunError):

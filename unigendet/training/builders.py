@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from unigendet.config.loader import ConfigError, to_dict
+from unigendet.data.fakeclue import conversation_texts
 from unigendet.data.pipeline import SourceConfig
+from unigendet.data.t2i import caption_texts
 from unigendet.data.tokenizer import (
     build_tiny_tokenizer,
     load_tokenizer,
@@ -51,22 +51,12 @@ class InitConfig:
 def _texts_for_tiny_tokenizer(sources: dict[str, SourceConfig]) -> list[str]:
     """The run's own texts (questions, answers, captions) plus fixed phrases, so the tiny BPE
     covers them. Read identically on every rank, so every rank builds the same tokenizer."""
-    import pyarrow.parquet as pq
-
     texts = ["This is a real image.", "This is a fake image.", "Is this image real or fake?"]
     for source in sources.values():
         if source.kind == "fakeclue":
-            for entry in json.loads(Path(source.json_path).read_text()):
-                for turn in entry.get("conversations", []) if isinstance(entry, dict) else []:
-                    if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                        texts.append(turn["value"].replace("<image>", ""))
+            texts += conversation_texts(source.json_path)
         else:
-            for pattern in source.data_files:
-                paths = sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
-                for path in paths:
-                    if path.suffix != ".parquet":
-                        raise ConfigError(f"init.tokenizer=tiny reads captions from parquet files only, got {path}")
-                    texts += [str(t) for t in pq.read_table(path, columns=[source.caption_column]).column(0).to_pylist()]
+            texts += caption_texts(source.data_files, source.caption_column)
     return texts
 
 

@@ -1,10 +1,19 @@
-"""The training loop shared by GDUF and DIGA; ``Trainer(cfg).train()`` is all an entry point calls.
+"""The training loop shared by GDUF, DIGA and the baseline detectors; ``Trainer(cfg).train()`` is all an entry
+point calls.
 
 The constructor wires the components, each built from its own config section: tokenizer, model and
 VAE, the stage's objective (DIGA's frozen teacher with it), freezing/LoRA, the packed data (with the
 objective's sample hooks), the DeepSpeed engine, EMA, checkpoints and metrics; then it resumes from a
 checkpoint when asked. ``train`` runs the optimiser steps, then exports the final model (and its
 EMA). Errors are never swallowed: a failing step stops the run with its traceback.
+
+The ``detector`` stage swaps the model, objective and data for a baseline detector
+(:mod:`unigendet.objectives.detector`) and its labelled image folders (:mod:`unigendet.data.image_folders`);
+the loop, checkpoints, guard, metrics and preemption are the same. Its differences: statistics the detector
+fits from data (the spectral detector's) are fitted once at start-up, on the same images on every rank; a
+detector trained with SAM (CoRIT) takes two forward/backward passes per step
+(:mod:`unigendet.training.sharpness`); a detector with nothing to train (the spectral ``reference`` mode) takes
+no optimiser step and is exported at once; the export is the detector's ``save_pretrained`` directory.
 
 Failure behaviour: a step with a non-finite loss or gradient norm is skipped on every rank, and a run
 that keeps failing or whose loss explodes stops with ``TrainingDivergedError``, exporting nothing
@@ -25,6 +34,7 @@ import torch
 
 from unigendet.checkpoint.manager import CheckpointManager, consolidated_state_dict
 from unigendet.config.loader import save_config, to_dict
+from unigendet.data.image_folders import ImageFolderLoader
 from unigendet.data.packing import PackedBatch
 from unigendet.data.pipeline import PackedDataLoader
 from unigendet.distributed import (
@@ -36,6 +46,7 @@ from unigendet.distributed import (
 )
 from unigendet.distributed.engine import StepGate, build_engine
 from unigendet.models.config import pack_geometry
+from unigendet.objectives.detector import DetectorBatch, DetectorObjective
 from unigendet.training.builders import build_model_and_vae, build_objective, build_tokenizer
 from unigendet.training.config import TrainConfig
 from unigendet.training.ema import build_ema
@@ -43,6 +54,7 @@ from unigendet.training.freeze import apply_freeze, apply_lora
 from unigendet.training.guard import DivergenceGuard
 from unigendet.training.metrics import MetricsLogger
 from unigendet.training.preemption import EXIT_PREEMPTED, PreemptionWatch, TrainingPreempted
+from unigendet.training.sharpness import SharpnessStep
 from unigendet.utils.seeding import rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -82,26 +94,29 @@ class Trainer:
         cfg.check_inputs()
         self.device = resolve_device(cfg.device)
         init_process_group(self.device.type)
-        self.bf16 = cfg.deepspeed.use_bf16(self.device.type)
+        self.bf16 = cfg.use_bf16(self.device.type)
         # Same seed on every rank for model construction (DeepSpeed also broadcasts rank 0's
         # weights); per-rank streams (noise, data) are derived from (seed, rank) below.
         seed_everything(cfg.seed)
-        self._build_model_and_objective()
         self.preemption = PreemptionWatch(cfg.preemption.signal_numbers(), cfg.preemption.duplicate_window_s)
-        self.data = PackedDataLoader.build(cfg.data, self.tokenizer, self.special, pack_geometry(cfg.model), rank(),
-                                           world_size(), t2i_hooks=self.objective.t2i_hooks,
-                                           worker_shielded_signals=self.preemption.signals)
-        self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg.deepspeed, cfg.optim,
-                                                                   cfg.total_steps, self.bf16)
-        self.gate = StepGate(self.engine)
+        if cfg.stage == "detector":
+            self._build_detector()
+        else:
+            self._build_model_and_objective()
+            self.data = PackedDataLoader.build(cfg.data, self.tokenizer, self.special, pack_geometry(cfg.model),
+                                               rank(), world_size(), t2i_hooks=self.objective.t2i_hooks,
+                                               worker_shielded_signals=self.preemption.signals)
+        self.engine = self.optimizer = self.scheduler = self.gate = self.ema = self.sharpness = None
+        if self._trains():
+            self._build_engine()
         self.guard = DivergenceGuard(cfg.guard)
-        self.ema = build_ema(cfg.ema, self.engine.module, cfg.deepspeed.zero_stage)
         self.noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + rank())
         self.checkpoints = CheckpointManager(cfg.checkpoint, run_config=cfg)
         self.state = TrainState()
         self.metrics = MetricsLogger(cfg.logging, cfg.checkpoint.dir, cfg.total_steps, self.device,
                                      run_config=to_dict(cfg))
-        self._resume()
+        if self.engine is not None:
+            self._resume()
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info("model: %.2fM trainable parameters; ZeRO-%d; %s; world size %d", n_train / 1e6,
                     cfg.deepspeed.zero_stage, "bf16" if self.bf16 else "fp32", world_size())
@@ -120,6 +135,35 @@ class Trainer:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.vae.to(self.device, dtype=dtype)
         self.objective.to(self.device, dtype)
+
+    def _build_detector(self) -> None:
+        cfg = self.cfg
+        self.tokenizer = self.special = self.vae = None
+        self.objective = DetectorObjective.build(cfg.detector)
+        self.model = self.objective.model
+        self.objective.to(self.device, torch.float32)
+        self.data = ImageFolderLoader.build(cfg.images, rank(), world_size(),
+                                            worker_shielded_signals=self.preemption.signals)
+        self.objective.fit_statistics(self.data)
+
+    def _trains(self) -> bool:
+        if isinstance(self.objective, DetectorObjective) and not self.objective.trainable:
+            logger.info("%s has no trainable parameters (its statistics are all it learns): no optimizer steps; "
+                        "total_steps is not used and the model is exported as it is", self.objective.detector.name)
+            return False
+        return True
+
+    def _build_engine(self) -> None:
+        cfg = self.cfg
+        self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg.deepspeed, cfg.optim,
+                                                                   cfg.total_steps, self.bf16)
+        self.gate = StepGate(self.engine)
+        self.ema = build_ema(cfg.ema, self.engine.module, cfg.deepspeed.zero_stage)
+        if cfg.stage == "detector" and cfg.detector.sharpness_radius > 0:
+            params = [p for p in self.engine.module.parameters() if p.requires_grad]
+            self.sharpness = SharpnessStep(params, cfg.detector.sharpness_radius)
+            logger.info("SAM (rho %g) around the engine's optimizer: two forward/backward passes per step",
+                        cfg.detector.sharpness_radius)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -141,13 +185,25 @@ class Trainer:
         set_rng_state(state["rng"])
         self.noise.set_state(state["noise"])
 
-    def forward_backward(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One micro-step's forward, loss and backward; returns the (detached) loss and the metrics."""
+    def forward_backward(self, batch: PackedBatch | DetectorBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-step's forward, loss and backward; returns the (detached) loss and the metrics. With SAM, the
+        second forward/backward at the perturbed weights follows (the loss and metrics are the first pass's)."""
         self.engine.train()
-        loss, metrics = self.objective(self.engine, batch.to(self.device), self.noise,
+        batch = batch.to(self.device)
+        loss, metrics = self.objective(self.engine, batch, self.noise,
                                        reduce_counts=all_reduce_sum, world_size=world_size())
         self.engine.backward(loss)
+        if self.sharpness is not None:
+            self.sharpness.ascend()
+            perturbed, _ = self.objective(self.engine, batch, self.noise,
+                                          reduce_counts=all_reduce_sum, world_size=world_size())
+            self.engine.backward(perturbed)
+            self.sharpness.restore()
         return loss.detach(), metrics
+
+    def _next_batch(self, batches: Iterator) -> PackedBatch | DetectorBatch:
+        batch = next(batches)
+        return self.objective.prepare(batch) if isinstance(self.objective, DetectorObjective) else batch
 
     def optimizer_step(self, batches: Iterator[PackedBatch]) -> bool:
         """The micro-steps of one optimizer step, the guard's decision, the update (or its skip), then EMA,
@@ -157,7 +213,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         nonfinite = torch.zeros((), device=self.device)
         for micro in range(gas):
-            batch = next(batches)
+            batch = self._next_batch(batches)
             loss, metrics = self.forward_backward(batch)
             loss_sum += loss.float()
             nonfinite += (~torch.isfinite(loss)).float()
@@ -193,6 +249,10 @@ class Trainer:
     def train(self) -> TrainState:
         """Train to ``total_steps`` and export. Raises ``TrainingDivergedError`` (nothing exported) when the
         guard stops the run, and ``TrainingPreempted`` (exit status 75) after a preemption checkpoint."""
+        if self.engine is None:
+            self._export_final()
+            self._close_objective()
+            return self.state
         self.preemption.install()
         batches = iter(self.data)
         try:
@@ -211,6 +271,11 @@ class Trainer:
             # Stop the DataLoader workers now (gracefully), not when a traceback releases them at exit.
             batches.close()
             self.data.close()
+            self._close_objective()
+
+    def _close_objective(self) -> None:
+        if isinstance(self.objective, DetectorObjective):
+            self.objective.close()
 
     def _exit_for_preemption(self, saved: Path | None) -> None:
         path = saved if saved is not None else self.save_checkpoint()
@@ -221,6 +286,9 @@ class Trainer:
 
     def _export_final(self) -> None:
         if not self.cfg.checkpoint.export_final:
+            if self.engine is None:
+                logger.warning("checkpoint.export_final is false and %s takes no optimizer step: nothing is written",
+                               self.cfg.detector.name)
             return
         directory = Path(self.cfg.checkpoint.dir)
         self.export(directory / "final")
@@ -231,6 +299,9 @@ class Trainer:
         """Consolidated safetensors model directory (``UniGenDet.from_pretrained`` layout), plus
         the VAE and tokenizer, loadable without any training code. ``ema``: the averaged weights
         replace the trainable ones."""
+        if self.cfg.stage == "detector":
+            self._export_detector(Path(directory), ema)
+            return
         from unigendet.checkpoint.export import save_model_directory
 
         module = self.engine.module
@@ -242,3 +313,24 @@ class Trainer:
             save_model_directory(directory, module, state, self.vae, self.tokenizer, lora_scaling)
             save_config(self.cfg, Path(directory) / "train_config.yaml")
             logger.info("exported model to %s", directory)
+
+    def _export_detector(self, directory: Path, ema: bool) -> None:
+        """The detector's ``save_pretrained`` directory (``unigendet.detectors.base.load_detector`` reads it) plus the
+        run config; ``ema``: with the averaged head weights."""
+        averages = self.ema.consolidated() if ema else {}
+        if not is_main_process():
+            return
+        detector = self.objective.detector
+        params = dict(self.model.named_parameters())
+        kept = {name: params[name].detach().clone() for name in averages}
+        with torch.no_grad():
+            for name, value in averages.items():
+                params[name].copy_(value.to(params[name].dtype))
+        try:
+            detector.save_pretrained(directory)
+        finally:
+            with torch.no_grad():
+                for name, value in kept.items():
+                    params[name].copy_(value)
+        save_config(self.cfg, directory / "train_config.yaml")
+        logger.info("exported %s detector to %s", detector.name, directory)
