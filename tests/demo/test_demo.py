@@ -1,6 +1,7 @@
 """The demo chain GDUF -> DIGA (+ FM-only control) -> generate -> score, at the smallest sizes."""
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -14,7 +15,7 @@ from unigendet.utils.images import image_grid  # noqa: E402
 @pytest.mark.slow
 def test_demo_chain_runs_every_stage_and_reports(tmp_path):
     s = DemoSettings(steps=6, diga_steps=2, num_train=16, num_heldout=8, samples_per_caption=1, sampling_steps=3,
-                     explain_tokens=3)
+                     explain_tokens=3, baseline_steps=2)
     report = run_demo(tmp_path, s, overrides=["logging.interval=1", "checkpoint.interval=100"],
                       diga_overrides=["logging.interval=1", "checkpoint.interval=100"])
     for run in ("gduf", "diga", "fm_only"):
@@ -33,6 +34,17 @@ def test_demo_chain_runs_every_stage_and_reports(tmp_path):
     assert scored["metrics"]["head"]["n"] == 8
     text = format_report(report, s, tmp_path)
     assert "+2 DIGA steps" in text and "FakeClue protocol" in text
+    # Every baseline trained on the demo's training images and was scored with UniGenDet on the same 8 images.
+    table = report["detectors"]
+    assert list(table) == ["unigendet", "ltd", "corit", "spectral"]
+    for name, row in table.items():
+        assert row["n"] == 8, name
+        assert all(math.isfinite(row[k]) for k in ("accuracy", "real_recall", "fake_recall", "auc")), name
+        assert row["train_seconds"] > 0, name
+        if name != "unigendet":
+            assert (tmp_path / "baselines" / name / "final").is_dir()
+            assert f"    {name} " in text
+    assert table["unigendet"]["accuracy"] == pytest.approx(report["stage1"]["accuracy"])
 
 
 def test_demo_settings_are_validated():
@@ -40,6 +52,9 @@ def test_demo_settings_are_validated():
         DemoSettings(diga_steps=0)
     with pytest.raises(ValueError, match="sampling_steps"):
         DemoSettings(sampling_steps=1)
+    with pytest.raises(ValueError, match="craft"):
+        DemoSettings(baselines=["ltd", "craft"])
+    assert DemoSettings(baselines=[]).baselines == []
 
 
 def test_image_grid_layout():
@@ -49,3 +64,21 @@ def test_image_grid_layout():
     assert grid.getpixel((1 + 5, 1 + 7)) == (4 * 40, 0, 0)  # 5th tile: row 1, column 1
     with pytest.raises(ValueError):
         image_grid([], columns=2)
+
+
+def test_demo_images_are_laid_out_as_ufd_with_fakeclue_labels_converted(tmp_path):
+    from unigendet.demo.baselines import heldout_images, write_ufd_tree
+    from unigendet.demo.data import make_demo_dataset
+    from unigendet.labels import FAKECLUE_REAL
+
+    data = make_demo_dataset(tmp_path / "data", num_train=6, num_heldout=4, image_size=16, seed=0)
+    root = write_ufd_tree(data, tmp_path / "ufd")
+    for split, json_path in (("train", data.train_json), ("val", data.heldout_json)):
+        for entry in json.loads(json_path.read_text()):
+            folder = "0_real" if entry["label"] == FAKECLUE_REAL else "1_fake"
+            assert (root / split / "demo" / folder / entry["image"].split("/")[-1]).is_file()
+        # Only the demo's real images land in 0_real (FakeClue label 1 = real, internal 0 = real).
+        assert all(p.read_bytes() == (data.image_root / "images" / "real" / p.name).read_bytes()
+                   for p in (root / split / "demo" / "0_real").iterdir())
+    images, labels = heldout_images(root)
+    assert len(images) == 4 and sorted(labels) == [0, 0, 1, 1]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from unigendet.demo.baselines import BASELINES, detector_row, format_table, run_baselines
 from unigendet.demo.data import make_demo_dataset
 from unigendet.recipes import recipe_path
 
@@ -42,13 +44,20 @@ class DemoSettings:
     samples_per_caption: int = 2  # generated images per demo caption (13 captions)
     sampling_steps: int = 30  # schedule points of the Euler sampler
     explain_tokens: int = 48  # answer tokens generated per held-out image in the FakeClue scoring
+    # Baseline detectors trained on the same training images and compared on the same held-out images ([] = none).
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    baseline_steps: int = 8  # training steps per baseline; all three train and score in ~5 s within the demo
 
     def __post_init__(self) -> None:
-        for name in ("steps", "diga_steps", "num_train", "num_heldout", "samples_per_caption", "explain_tokens"):
+        for name in ("steps", "diga_steps", "num_train", "num_heldout", "samples_per_caption", "explain_tokens",
+                     "baseline_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}")
         if self.sampling_steps < 2:
             raise ValueError(f"demo sampling_steps must be >= 2, got {self.sampling_steps}")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"demo baselines: unknown detector(s) {unknown}; known: {list(BASELINES)}")
 
 
 def demo_overrides(data, run_dir: Path, steps: int, seed: int) -> list[str]:
@@ -111,6 +120,8 @@ def heldout_accuracy(model_dir: Path, data, cfg, seed: int = 0) -> dict[str, flo
         "fake_recall": (predictions[labels == 1] == 1).float().mean().item(),
         "real_recall": (predictions[labels == 0] == 0).float().mean().item(),
         "chance": majority,
+        "p_fake": [float(p) for p in p_fake],
+        "labels": [int(y) for y in labels],
     }
 
 
@@ -172,9 +183,12 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     logger.info("demo data: %s", data.counts)
 
     gduf_dir = out / "gduf"
+    start = time.perf_counter()
     cfg, gduf = _train(RECIPE, demo_overrides(data, gduf_dir, s.steps, s.seed) + list(overrides or []))
+    gduf_seconds = time.perf_counter() - start
     report = {"stage1": heldout_accuracy(gduf_dir / "final", data, cfg, s.seed)}
     report["stage1"].update(steps=s.steps, loss=_loss_span(gduf))
+    report["detectors"] = compare_detectors(data, out, s, report["stage1"], gduf_seconds)
 
     stage2 = {}
     for name, extra in (("diga", []), ("fm_only", ["diga.align_weight=0"])):
@@ -196,6 +210,15 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     report["fakeclue"] = run_fakeclue_eval(build_detector(final, device="cpu"), eval_cfg, model_path=str(final))
     logger.info("\n%s", format_report(report, s, out))
     return report
+
+
+def compare_detectors(data, out: Path, s: DemoSettings, stage1: dict, gduf_seconds: float) -> dict[str, dict]:
+    """The comparison table: UniGenDet's stage-1 head and each baseline on the same held-out images."""
+    rows = {"unigendet": detector_row(stage1["p_fake"], stage1["labels"], gduf_seconds)}
+    if s.baselines:
+        baselines = run_baselines(data, out, s.baselines, s.baseline_steps, s.seed, _train)
+        rows.update(baselines)
+    return rows
 
 
 def _pct(x) -> str:
@@ -224,5 +247,9 @@ def format_report(report: dict, s: DemoSettings, out: Path) -> str:
         f"    text Acc {_pct(text['acc'])}  F1 {_pct(text['f1_macro'])}  ROUGE-L {_pct(text['rouge_l'])}  "
         f"CSS {_pct(text['css'])}  ({text['n_unparsed']} unparsed)",
         f"    head Acc {_pct(head['acc'])}  F1 {_pct(head['f1_macro'])}  AUC {_pct(head['auc'])}",
-        f"  outputs             {out} (models: gduf/final, diga/final; eval/; generated_*.png)",
+        f"  detectors on the held-out split ({st1['heldout_images']} images; unigendet = stage-1 head, train s = "
+        f"GDUF; baselines: {s.baseline_steps} steps on tiny random frozen backbones):",
+        *format_table(report["detectors"]),
+        f"  outputs             {out} (models: gduf/final, diga/final, baselines/<name>/final; eval/; "
+        "generated_*.png)",
     ])
