@@ -23,6 +23,7 @@ find the class by that name (the built-in ones are imported on first use).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib
 import json
@@ -71,7 +72,7 @@ def check_state_keys(expected: dict[str, tuple[int, ...]], got: dict[str, torch.
         raise CheckpointKeyError(f"{where}: " + "; ".join(parts))
 
 
-class Detector(nn.Module):
+class Detector(nn.Module, abc.ABC):
     """Base class of the baseline detectors (see the module docstring for the contract)."""
 
     name: ClassVar[str] = ""
@@ -84,22 +85,26 @@ class Detector(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- to implement
     @classmethod
+    @abc.abstractmethod
     def build(cls, config: Any) -> Detector:
-        raise NotImplementedError
+        """A detector from its validated config (random init, or weights from the paths the config names)."""
 
+    @abc.abstractmethod
     def preprocess(self, images: Sequence[Image.Image], *, train: bool = False,
                    **extras: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The tensors ``extract_features`` reads, for a batch of PIL images."""
 
+    @abc.abstractmethod
     def extract_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The frozen part of the forward: features the head reads (cacheable when deterministic)."""
 
+    @abc.abstractmethod
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The trainable part: one logit of "fake" per image, shape ``[B]``."""
 
+    @abc.abstractmethod
     def feature_settings(self, train: bool) -> dict[str, Any]:
         """The settings (besides backbone weights) that change ``extract_features(preprocess(x, train))``."""
-        raise NotImplementedError
 
     def features_are_deterministic(self, train: bool) -> bool:
         """Whether the features of an image are a pure function of it (then they may be cached on disk)."""
