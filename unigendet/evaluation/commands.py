@@ -176,16 +176,34 @@ def run_generate_command(cfg: GenerateCommand) -> str:
 # Each scores with the detector ``model`` names (UniGenDet, or a saved baseline that gives p(fake) only).
 
 
-def _scorer(cfg, job) -> ImageDetector | None:
-    """The detector a detection command scores with (None when it only gathers finished shards)."""
-    if job.gather_only:
-        return None
-    return load_image_detector(cfg.model, cfg.detector, max_new_tokens=job.max_new_tokens, decoding=cfg.decoding,
-                               seed=job.seed, batch_size=job.batch_size)
+class ScoringCommand:
+    """What the detection scoring commands share: ``model`` names the detector, ``detector`` and ``decoding``
+    tune it, and ``split()`` gives the job's split config and its key. The split's files must exist, and the
+    model's too unless the run only gathers finished shards (gathering reads the shards, not the model)."""
+
+    def split(self) -> tuple[FakeClueEvalConfig | DetectionEvalConfig, str]:
+        raise TypeError(f"{type(self).__name__} must say which section holds its split")
+
+    def validate(self) -> None:
+        check_detector_choice(self.model, self.detector)
+
+    def check_inputs(self) -> None:
+        job, key = self.split()
+        check_split_inputs(job, key)
+        if not job.gather_only:
+            self.model.check_inputs()
+
+    def scorer(self) -> ImageDetector | None:
+        """The detector this command scores with (None when it only gathers finished shards)."""
+        job = self.split()[0]
+        if job.gather_only:
+            return None
+        return load_image_detector(self.model, self.detector, max_new_tokens=job.max_new_tokens,
+                                   decoding=self.decoding, seed=job.seed, batch_size=job.batch_size)
 
 
 @dataclass
-class FakeClueCommand:
+class FakeClueCommand(ScoringCommand):
     """``eval fakeclue``: the FakeClue protocol (Acc, F1, ROUGE-L, CSS from the text; Acc, F1, AUC from the head)."""
 
     model: DetectorSource
@@ -193,22 +211,17 @@ class FakeClueCommand:
     detector: DetectorOptions = field(default_factory=DetectorOptions)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
-    def validate(self) -> None:
-        check_detector_choice(self.model, self.detector)
-
-    def check_inputs(self) -> None:
-        require_paths({"fakeclue.json_path": self.fakeclue.json_path, "fakeclue.image_root": self.fakeclue.image_root})
-        if not self.fakeclue.gather_only:  # gathering reads the shards, not the model
-            self.model.check_inputs()
+    def split(self) -> tuple[FakeClueEvalConfig, str]:
+        return self.fakeclue, "fakeclue"
 
 
 def run_fakeclue_command(cfg: FakeClueCommand) -> dict | None:
-    return run_fakeclue_eval(_scorer(cfg, cfg.fakeclue), cfg.fakeclue, model_path=cfg.model.path,
+    return run_fakeclue_eval(cfg.scorer(), cfg.fakeclue, model_path=cfg.model.path,
                              decoding=cfg.decoding)
 
 
 @dataclass
-class DetectionCommand:
+class DetectionCommand(ScoringCommand):
     """``eval dmimage`` / ``arforensics`` / ``genimage`` / ``ufd`` / ``drct2m`` / ``deepfakebench``: DMimage's
     table, or accuracy, AUC and AP per group, from the head and from the parsed text."""
 
@@ -217,22 +230,17 @@ class DetectionCommand:
     detector: DetectorOptions = field(default_factory=DetectorOptions)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
-    def validate(self) -> None:
-        check_detector_choice(self.model, self.detector)
-
-    def check_inputs(self) -> None:
-        require_paths(self.detection.input_paths("detection"))
-        if not self.detection.gather_only:
-            self.model.check_inputs()
+    def split(self) -> tuple[DetectionEvalConfig, str]:
+        return self.detection, "detection"
 
 
 def run_detection_command(cfg: DetectionCommand) -> dict | None:
-    return run_detection_eval(_scorer(cfg, cfg.detection), cfg.detection, model_path=cfg.model.path,
+    return run_detection_eval(cfg.scorer(), cfg.detection, model_path=cfg.model.path,
                               decoding=cfg.decoding)
 
 
 @dataclass
-class RobustnessCommand:
+class RobustnessCommand(ScoringCommand):
     """``eval robustness``: one benchmark scored under every JPEG / crop setting, in one table with curves."""
 
     model: DetectorSource
@@ -240,18 +248,12 @@ class RobustnessCommand:
     detector: DetectorOptions = field(default_factory=DetectorOptions)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
-    def validate(self) -> None:
-        check_detector_choice(self.model, self.detector)
-
-    def check_inputs(self) -> None:
-        base = self.robustness.base
-        check_split_inputs(base, "robustness.base")
-        if not base.gather_only:
-            self.model.check_inputs()
+    def split(self) -> tuple[FakeClueEvalConfig | DetectionEvalConfig, str]:
+        return self.robustness.base, "robustness.base"
 
 
 def run_robustness_command(cfg: RobustnessCommand) -> dict | None:
-    return run_robustness_eval(_scorer(cfg, cfg.robustness.base), cfg.robustness, model_path=cfg.model.path,
+    return run_robustness_eval(cfg.scorer(), cfg.robustness, model_path=cfg.model.path,
                                decoding=cfg.decoding)
 
 
