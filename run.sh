@@ -17,7 +17,7 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # The CPU wheel of torch 2.13.0 lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[train,eval,demo,test]"
+  "$VENV/bin/python" -m pip install -q -e ".[train,eval,demo,serve,test]"
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi

@@ -29,3 +29,9 @@ def mixed_samples(gen):
         det_sample(gen, vae_hw=(48, 32), vit_hw=(42, 28), label=LABEL_REAL),
         t2i_sample(gen, (16, 48)),
     ]
+
+
+@pytest.fixture(autouse=True)
+def _fingerprint_cache(tmp_path_factory, monkeypatch):
+    """Weight fingerprints are cached on disk across processes; tests keep that cache out of the home directory."""
+    monkeypatch.setenv("UNIGENDET_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "unigendet-cache"))

@@ -58,12 +58,13 @@ def model_flags(*device_keys: str) -> tuple[Flag, ...]:
     return (opt("--model", "model.path", help="model directory (ours, or BAGEL/UniGenDet with --bagel)"),
             switch("--bagel", "model.bagel", help="--model is a BAGEL-7B-MoT / UniGenDet directory"),
             opt("--weights", "model.weights", help="with --bagel: fine-tuned weights over the directory's"),
-            opt("--device", "model.device", *device_keys), opt("--dtype", "model.dtype"))
+            opt("--device", "model.device", *device_keys), opt("--dtype", "model.dtype", help="fp32, bf16, fp16 or auto"),
+            opt("--quantize", "model.quantize", help="8bit or 4bit decoder weights (bitsandbytes, CUDA only)"))
 
 
 def detector_choice_flags(at: str = "model") -> tuple[Flag, ...]:
     return (opt("--detector", f"{at}.detector", help="unigendet, or a baseline saved in --model (ltd, corit, spectral, "
-                "...): p(fake) only"),
+                "...): p(fake) only, or cascade (a directory written by 'unigendet cascade')"),
             opt("--backbone", f"{at}.backbone_path", help="a baseline saved without its frozen backbone: its directory"))
 
 
@@ -174,14 +175,57 @@ COMMANDS = (
     Command("demo", f"{__name__}:DemoCommand", f"{__name__}:run_demo_command",
             "train the tiny model on CPU on embedded synthetic data (no downloads)",
             (*named("demo", "steps", "diga_steps", "seed"), opt("--out", "out_dir"))),
+    Command("export", "unigendet.checkpoint.commands:ExportCommand", "unigendet.checkpoint.commands:run_export_command",
+            "re-write a model as a sharded bf16 unigendet export or a BAGEL/UniGenDet directory (--to bagel), "
+            "with a model card; optionally push it to the Hugging Face hub",
+            (opt("--source", "source", help="model directory or hub id (BAGEL/UniGenDet with --bagel)"),
+             switch("--bagel", "bagel", help="--source is a BAGEL-7B-MoT / UniGenDet directory"),
+             opt("--weights", "weights", help="with --bagel: fine-tuned weights over the directory's"),
+             opt("--out", "out"), opt("--to", "to", help="unigendet (default) or bagel"),
+             opt("--dtype", "dtype", help="bf16 (default), fp16 or fp32"),
+             opt("--max-shard-size", "max_shard_size", help="e.g. 5GB, 500MB; none: one file"),
+             opt("--license", "card.license"), opt("--base-model", "card.base_model"),
+             opt("--reports", "card.reports", nargs="+", help="evaluation report JSON files for the model card"),
+             opt("--push-to-hub", "push_to_hub", help="hub repo id to upload to"),
+             switch("--public", "private", False))),
+    Command("convert-data", "unigendet.data.bagel_formats:ConvertDataCommand",
+            "unigendet.data.bagel_formats:run_convert_data_command",
+            "BAGEL's dataset_info.py + data YAML -> our data: section (t2i parquet with JSON captions, JSONL VLM sets)",
+            (opt("--dataset-info", "dataset_info"), opt("--data-yaml", "data_yaml"), opt("--out", "out"))),
     Command("train", "unigendet.training.config:TrainConfig", f"{__name__}:run_train_command",
             "train from a YAML recipe (GDUF, DIGA or a baseline detector); launch with deepspeed for many GPUs",
             needs_file=True),
+    Command("plan", "unigendet.training.plan:PlanCommand", "unigendet.training.plan:run_plan_command",
+            "memory plan of a training recipe per GPU and per host (model states, activations with and without "
+            "checkpointing, disk) and whether it fits",
+            (opt("--recipe", "recipe", help="a training recipe (configs/train/*.yaml)"),
+             opt("--set", "set", nargs="+", help="KEY=VALUE overrides of the recipe"),
+             opt("--gpus", "cluster.gpus_per_node", help="GPUs per node"), opt("--nodes", "cluster.nodes"),
+             opt("--gpu", "cluster.gpu", help="a100-40gb, a100-80gb, h100-80gb, h200, ..."),
+             *named("cluster", "gpu_memory_gib", "host_memory_gib"), opt("--probe-tokens", "probe.tokens"),
+             switch("--json", "json"))),
+    Command("cascade", f"{EVAL}:CascadeCommand", f"{EVAL}:run_cascade_command",
+            "assemble a tiered cascade (binary -> spectral -> verifier) from saved stages; calibrate its thresholds "
+            "on a validation split",
+            (opt("--out", "out", help="cascade directory to write"), opt("--binary", "cascade.binary"),
+             opt("--spectral", "cascade.spectral"), opt("--binary-backbone", "cascade.binary_backbone"),
+             opt("--verifier", "cascade.verifier.kind", help="unigendet or stub_spectral_peak (tests, tiny runs)"),
+             opt("--verifier-model", "cascade.verifier.model.path"), opt("--mapping", "cascade.mllm_mapping"),
+             opt("--device", "cascade.device"), switch("--copy-stages", "copy_stages"),
+             *split_flags("validation", BENCHMARK_HELP),
+             *named("calibration", "binary_fnr", "spectral_fnr", "block_fpr", "cleared_fnr"))),
     Command("detect", f"{EVAL}:DetectCommand", f"{EVAL}:run_detect_command",
             "real/fake verdict (detection head) and explanation for images",
             (*model_flags(), *detector_choice_flags(), switch("--json", "json"), opt("--question", "question"),
              *detector_flags("")),
             positional="images"),
+    Command("serve", "unigendet.serving.config:ServeConfig", "unigendet.serving.server:run_serve_command",
+            "HTTP detection service over any detector (/detect, /info, /health, /metrics, web page at /)",
+            (*model_flags(), *detector_choice_flags(), opt("--question", "question"),
+             *(f for f in detector_flags("") if f.keys != ("batch_size",)),  # --max-batch-size batches here
+             *named("server", "host", "port"), *named("batching", "max_batch_size", "max_wait_ms", "queue_size"),
+             opt("--max-images", "limits.max_images_per_request"),
+             *named("limits", "max_request_bytes", "max_image_bytes", "max_pixels", "request_timeout_s"))),
     Command("generate", f"{EVAL}:GenerateCommand", f"{EVAL}:run_generate_command",
             "text-to-image generation, one PNG per prompt",
             (*model_flags(), *named("", "out", "seed", "batch_size"), *sampler_flags("sampler", "height", "width")),

@@ -136,6 +136,14 @@ class DetectionResult:
     def text_label_name(self) -> str | None:
         return None if self.text_label is None else label_name(self.text_label)
 
+    def details(self) -> dict[str, Any] | None:
+        """Extra per-image fields a detector wants stored with its scores (JSON-safe), or None (the default).
+
+        The evaluation harness writes them into each output line under ``"details"``, so metrics that need
+        more than p(fake) and the text (a cascade's decision, exit stage, per-stage latency) can be computed
+        from the stored outputs of a finished or resumed job."""
+        return None
+
     def record(self) -> dict[str, Any]:
         """The JSON view of the command line: names for labels, None for a missing score."""
         return {"label": self.label_name, "p_fake": None if math.isnan(self.p_fake) else self.p_fake,

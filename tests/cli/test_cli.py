@@ -26,9 +26,12 @@ from unigendet.recipes import recipe_path
 @pytest.fixture
 def inputs(tmp_path):
     """Files and folders the commands read (content is never looked at: nothing is loaded here)."""
-    paths = {"model": tmp_path / "model", "root": tmp_path / "dm", "gen": tmp_path / "gen"}
+    paths = {"model": tmp_path / "model", "root": tmp_path / "dm", "gen": tmp_path / "gen", "stage": tmp_path / "stage"}
     for folder in paths.values():
         folder.mkdir()
+    # a saved detector's metadata alone (a cascade's dry run checks that its stage directories hold detectors)
+    (paths["stage"] / "detector.json").write_text('{"format": "unigendet-detector", "version": 1, '
+                                                  '"detector": "spectral"}')
     for name in ("a.png", "b.png", "test.json", "table.json", "report.json", "results.jsonl"):
         (tmp_path / name).write_text("{}")
         paths[name] = tmp_path / name
@@ -41,8 +44,14 @@ def complete_args(name: str, p: dict[str, str]) -> list[str]:
     return {
         "demo": [],
         "train": ["--config", str(recipe_path("train/gduf_demo.yaml"))],
+        "export": ["--source", p["model"], "--out", p["gen"] + "/export", "--reports", p["report.json"]],
+        "convert-data": ["--dataset-info", p["test.json"], "--data-yaml", p["table.json"], "--out", p["gen"] + "/d.yaml"],
         "detect": [p["a.png"], p["b.png"], *model],
+        "cascade": ["--binary", p["stage"], "--spectral", p["stage"], "--verifier", "stub_spectral_peak", "--out",
+                    p["gen"]],
         "generate": ["a red cup", *model, "--out", p["gen"]],
+        "serve": [*model],
+        "plan": ["--recipe", str(recipe_path("train/gduf_demo.yaml")), "--gpus", "2"],
         "eval fakeclue": [*model, "--json-path", p["test.json"], "--image-root", p["root"]],
         "eval dmimage": [*model, "--root", p["root"]],
         "eval arforensics": ["--generators", "VAR", "RAR", *model, "--root", p["root"]],

@@ -414,7 +414,7 @@ def test_landmarks_name():
 
 def test_index_layout_dispatches_by_name(tmp_path):
     root = genimage_tree(tmp_path / "g", generators=("a",))
-    assert sorted(LAYOUTS) == ["deepfakebench", "drct2m", "genimage", "ufd"]
+    assert sorted(LAYOUTS) == ["deepfakebench", "diffusionforensics", "drct2m", "genimage", "ufd"]
     assert keys(index_layout("genimage", root, splits=["val"])) == keys(index_genimage(root, splits=["val"]))
     with pytest.raises(ValueError, match="unknown dataset layout 'imagefolder'"):
         index_layout("imagefolder", root)

@@ -52,8 +52,9 @@ def test_demo_settings_are_validated():
         DemoSettings(diga_steps=0)
     with pytest.raises(ValueError, match="sampling_steps"):
         DemoSettings(sampling_steps=1)
-    with pytest.raises(ValueError, match="craft"):
-        DemoSettings(baselines=["ltd", "craft"])
+    with pytest.raises(ValueError, match="dire"):
+        DemoSettings(baselines=["ltd", "dire"])
+    assert DemoSettings(baselines=["ltd", "craft"]).baselines == ["ltd", "craft"]  # CRAFT is opt-in
     assert DemoSettings(baselines=[]).baselines == []
 
 

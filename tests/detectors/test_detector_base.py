@@ -41,8 +41,8 @@ def fitted(name: str) -> Detector:
 def test_registry_knows_the_builtin_detectors_and_rejects_unknown_names():
     assert {"ltd", "corit", "spectral"} <= set(available_detectors())
     assert detector_class("ltd").name == "ltd"
-    with pytest.raises(ConfigError, match="unknown detector 'craft'.*corit"):
-        build_detector("craft", {})
+    with pytest.raises(ConfigError, match="unknown detector 'dire'.*corit"):
+        build_detector("dire", {})
 
 
 def test_a_new_detector_registers_by_name():

@@ -116,7 +116,9 @@ def test_a_directory_of_another_detector_is_a_one_line_error(ltd_dir, tmp_path, 
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "holds a saved 'ltd' detector; set model.detector: ltd" in err
     assert main([*base, "--detector", "nope"]) == 2
-    assert "unknown detector 'nope'; known: unigendet, corit, ltd, spectral" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown detector 'nope'; known: unigendet, " in err  # other tests may register more detectors
+    assert all(name in err for name in ("corit", "craft", "ltd", "resnet", "spectral", "cascade"))
     assert main([*base, "--detector", "ltd", "--no-smsa"]) == 2  # our model's options do not apply
     assert "detector.smsa" in capsys.readouterr().err
     assert main([*base, "--detector", "ltd", "--dtype", "bf16"]) == 2

@@ -345,7 +345,7 @@ def test_dmimage_job_scores_head_and_text_exactly(tmp_path):
 
     out = tmp_path / "out"
     report = json.loads((out / "dmimage.json").read_text())
-    assert report["config"]["dataset"]["n_records"] == 10 and report["config"]["weights_sha256_head"] is None
+    assert report["config"]["dataset"]["n_records"] == 10 and report["config"]["weights_sha256"] is None
     assert report["config"]["job"]["identity"]["detector"] == det.describe() and "versions" in report["config"]
     assert report["headline"][:2] == ["text.real_acc", "text.real_f1"]
     md = (out / "dmimage.md").read_text()
@@ -552,7 +552,7 @@ def test_cli_dmimage_resume_and_merge_end_to_end(model_dir, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "dmimage.json").read_text())
     assert report["metrics"] == printed and printed["head"]["n"] == 2 and "text" in printed
-    assert report["config"]["weights_sha256_head"] and report["config"]["dtype"] == "float32"
+    assert report["config"]["weights_sha256"] and report["config"]["dtype"] == "float32"
     outputs = out / "dmimage.work" / "none" / "shard-00000-of-00001" / OUTPUTS_FILE
     assert len(outputs.read_text().splitlines()) == 2
 

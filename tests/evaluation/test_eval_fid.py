@@ -383,7 +383,7 @@ def test_cli_generate_then_fid(model_dir, inception_file, tmp_path, capsys, monk
     config = report["config"]
     assert config["fid"]["inception_weights"]["official_pytorch_fid_weights"] is False
     assert config["prompts"]["rule"] == "official_slice" and config["generation"]["sampler"]["num_steps"] == 3
-    assert config["seed"] == 5 and config["weights_sha256_head"] and config["dtype"] == "float32"
+    assert config["seed"] == 5 and config["weights_sha256"] and config["dtype"] == "float32"
     # Scoring again reuses the cached activations: the network is not run.
     import unigendet.metrics.fid as fid_module
 

@@ -173,3 +173,18 @@ def test_input_validation(model):
     assert model(img[1], img[2], [4]).shape == (4, 32)
     with pytest.raises(ValueError, match="attn_implementation"):
         SiglipNaViT(tiny_cfg(), attn_implementation="bogus")
+
+
+@pytest.mark.parametrize("backend, expected", [("sdpa", "sdpa"), ("flex", "sdpa"), ("flash", "flash_attention_2")])
+def test_the_model_config_attention_backend_reaches_the_vit(monkeypatch, backend, expected):
+    """``ModelConfig.attn_backend`` selects SigLIP's attention too (flash-attn itself is not needed to build it)."""
+    from helpers import tiny_config
+
+    from unigendet.models import unigendet as unigendet_module
+    from unigendet.ops.attention import build_attention
+
+    monkeypatch.setattr(unigendet_module, "build_attention", lambda name: build_attention("sdpa"))
+    model = unigendet_module.UniGenDet(tiny_config(attn_backend=backend))
+    assert model.vit_model.attn_implementation == expected
+    layer_config = model.vit_model.vision_model.encoder.layers[0].self_attn.config
+    assert layer_config._attn_implementation == expected

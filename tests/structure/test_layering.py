@@ -20,7 +20,9 @@ LAYERS = [
     ("profiling", "objectives", "distributed"),
     ("checkpoint",),
     ("training", "inference", "metrics"),
+    ("cascade",),
     ("evaluation",),
+    ("serving",),
     ("demo",),
     ("cli",),
 ]

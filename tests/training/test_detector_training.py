@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -120,6 +121,17 @@ def test_tiny_ltd_learns_a_fixed_batch_and_its_export_scores_like_the_trained_mo
     assert (manifest / "COMPLETE").is_file() and (manifest / "train_config.yaml").is_file()
     assert scores["own"] == pytest.approx(scores["loaded"], abs=1e-6)
     assert len(scores["own"]) == 8 and len(set(round(s, 6) for s in scores["own"])) > 1
+
+
+def test_tiny_resnet_fine_tunes_through_the_trainer_and_exports(tmp_path, genimage):
+    ckpt = tmp_path / "resnet"
+    history, scores, stderr = run_and_score("resnet_tiny.yaml", genimage, ckpt, [
+        "images.overfit_batches=1", "total_steps=10", "checkpoint.interval=10", "optim.lr=3e-3"])
+    assert [h["step"] for h in history] == list(range(1, 11))
+    assert re.search(r"after construction: peak host RSS per rank \[\d+\.\d+\] GiB", stderr)
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    assert scores["own"] == pytest.approx(scores["loaded"], abs=1e-6)
+    assert len(set(round(s, 6) for s in scores["own"])) > 1
 
 
 def test_resumed_ltd_run_continues_exactly(tmp_path, genimage):

@@ -36,9 +36,11 @@ def test_train_configs_load_and_resolve_deepspeed(path):
 
 @pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
 def test_deepspeed_jsons_resolve(path):
-    stage = json.loads(path.read_text())["zero_optimization"]["stage"]
+    zero = json.loads(path.read_text())["zero_optimization"]
     cfg = load_config(TrainConfig, REPO / "configs/train/gduf_demo.yaml",
-                      [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={stage}"])
+                      [f"deepspeed.config_file={path}", f"deepspeed.zero_stage={zero['stage']}",
+                       f"deepspeed.offload_optimizer={'offload_optimizer' in zero}",
+                       f"deepspeed.offload_params={'offload_param' in zero}"])
     resolved = resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=True)
     assert resolved["bf16"]["enabled"] is True
     assert resolved["gradient_clipping"] == cfg.optim.max_grad_norm
@@ -94,6 +96,51 @@ def test_deepspeed_file_disagreeing_with_config_is_an_error(tmp_path):
     cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), [f"deepspeed.config_file={path}"])
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
         resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=False)
+
+
+def _ds_file(tmp_path, content: dict, overrides: list[str] = ()):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), [f"deepspeed.config_file={path}",
+                                                                          *overrides])
+    return cfg
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"gradient_clipping": 0.5}, r"gradient_clipping = 0.5 but the run's config says 1.0 \(optim.max_grad_norm\)"),
+    ({"bf16": {"enabled": True}}, r"bf16.enabled = True but the run's config says False \(deepspeed.precision=auto\)"),
+    ({"gradient_accumulation_steps": 4}, r"gradient_accumulation_steps = 4 .* says 1"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}}, r"optimizer.params.lr = 1.0 .* \(optim.lr\)"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999]}}}, r"optimizer.params.betas"),
+    ({"optimizer": {"type": "SGD"}}, r"optimizer.type = 'SGD'"),
+    ({"fp16": {"enabled": True}}, r"fp16.enabled"),
+    ({"train_micro_batch_size_per_gpu": 2}, r"train_micro_batch_size_per_gpu = 2"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+     r"sets zero_optimization.offload_optimizer but the run's config says deepspeed.offload_optimizer=false"),
+    ({"scheduler": {"type": "WarmupLR"}}, r"scheduler section"),
+    ({"train_batch_size": 3}, r"train_batch_size = 3 but 1 sequence x 1 accumulation steps x 2 ranks = 2"),
+])
+def test_every_literal_that_disagrees_with_the_config_is_an_error_naming_both(tmp_path, content, message):
+    cfg = _ds_file(tmp_path, {"zero_optimization": {"stage": 2}, **content})
+    with pytest.raises(ConfigError, match=message):
+        resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=False, world_size=2)
+
+
+def test_fields_the_file_leaves_out_or_marks_auto_come_from_the_config(tmp_path):
+    cfg = _ds_file(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": "auto"},
+                              "train_batch_size": "auto"},
+                   ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.gradient_accumulation_steps=4",
+                    "optim.max_grad_norm=0.5", "optim.lr=3e-4"])
+    resolved = resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=True, world_size=8)
+    assert resolved["gradient_clipping"] == 0.5 and resolved["gradient_accumulation_steps"] == 4
+    assert resolved["bf16"]["enabled"] is True and resolved["optimizer"]["params"]["lr"] == 3e-4
+    assert resolved["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "torch_adam" not in resolved["optimizer"]["params"] and "train_batch_size" not in resolved
+    agreeing = _ds_file(tmp_path, {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0,
+                                   "optimizer": {"type": "adamw", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}},
+                                   "train_batch_size": 2})
+    assert resolve_deepspeed_config(agreeing.deepspeed, agreeing.optim, bf16=False, world_size=2)["optimizer"][
+        "params"]["torch_adam"] is True
 
 
 def test_missing_deepspeed_file_is_an_error():

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from unigendet.config.loader import ConfigError, from_dict, to_dict
 from unigendet.models.bridges import sincos_2d_table
 from unigendet.models.config import LLMConfig, ModelConfig, VAEConfig, ViTConfig
+from unigendet.utils.hub import resolve_model_dir
 from unigendet.utils.state_dict import format_key_problems
 
 logger = logging.getLogger(__name__)
@@ -512,7 +513,8 @@ def load_bagel_checkpoint(
     dtype: torch.dtype | None = None,
     **config_overrides: Any,
 ):
-    """Build ``(UniGenDet, FluxVAE, tokenizer)`` from a BAGEL / UniGenDet checkpoint directory.
+    """Build ``(UniGenDet, FluxVAE, tokenizer)`` from a BAGEL / UniGenDet checkpoint directory (or a hub id such as
+    ``ByteDance-Seed/BAGEL-7B-MoT``, read from the local hub cache first).
 
     ``directory`` supplies the configs, ``ae.safetensors``, the tokenizer and the base weights
     (``ema.safetensors``). ``weights`` (a fine-tuned file, directory, index JSON or shard list) overrides
@@ -525,7 +527,7 @@ def load_bagel_checkpoint(
     from unigendet.models.unigendet import UniGenDet
     from unigendet.models.vae import FluxVAE
 
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
     config = bagel_model_config(directory, weights, **config_overrides)
     # Fail on a missing VAE or tokenizer before the expensive weight load.
     vae_path = directory / VAE_WEIGHTS_NAME
@@ -557,3 +559,138 @@ def load_bagel_checkpoint(
 
     vae = FluxVAE.from_bfl_file(vae_path, config.vae).to(map_location)
     return model, vae, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# Back-export: our model -> a BAGEL / UniGenDet directory
+
+BAGEL_WEIGHTS_PREFIX = "ema"
+_LAYER_MODULE_NAMES = {ours: theirs for theirs, ours in _LAYER_MODULES.items()}
+
+
+def llm_config_to_json(cfg: LLMConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+    """A Qwen2 ``llm_config.json`` that :func:`llm_config_from_json` (and BAGEL's loader) reads back as ``cfg``.
+    BAGEL forces qk-norm on and untied embeddings, so a config without them has no BAGEL equivalent."""
+    if not cfg.qk_norm or cfg.tie_word_embeddings:
+        raise BagelCheckpointError("a BAGEL checkpoint needs llm.qk_norm=true and llm.tie_word_embeddings=false "
+                                   "(BAGEL forces both)")
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": cfg.hidden_act,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "max_window_layers": cfg.num_hidden_layers,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "vocab_size": cfg.vocab_size,
+        "qk_norm": True,
+        "layer_module": _LAYER_MODULE_NAMES[cfg.layer_module],
+        "torch_dtype": dtype,
+    }
+
+
+def vit_config_to_json(cfg: ViTConfig, select_layer: int = BAGEL_VIT_SELECT_LAYER) -> dict[str, Any]:
+    """A SigLIP ``vit_config.json``: BAGEL builds ``num_hidden_layers + 1 + select_layer`` layers, so the file
+    lists ``-1 - select_layer`` more than ours holds (27 for 26 at the default -2)."""
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_hidden_layers": cfg.num_hidden_layers - 1 - select_layer,
+        "patch_size": cfg.patch_size,
+        "image_size": cfg.patch_size * cfg.max_num_patch_per_side,
+        "num_channels": cfg.num_channels,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "hidden_act": cfg.hidden_act,
+    }
+
+
+def to_bagel_state_dict(state: Mapping[str, torch.Tensor], model_config: ModelConfig,
+                        pos_embed: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict under the released files' key names (inverse of :func:`adapt_bagel_state_dict`):
+    ``detection_head.*`` -> ``fake_cls_head.*``, ``diga_projector.*`` -> ``diga_mlp.*``, and, with
+    ``pos_embed``, the fixed sin-cos tables ``latent_pos_embed.pos_embed`` / ``vit_pos_embed.pos_embed``
+    (fp32, as the releases store them; BAGEL's loader drops and recomputes them). UniGenDet's unused
+    ``latent_to_vit_connector`` is not written (its loader reads checkpoints non-strictly)."""
+    out = {_file_name(key): value for key, value in state.items()}
+    if pos_embed:
+        hidden = model_config.llm.hidden_size
+        for key, grid in _pos_embed_grids(model_config).items():
+            flag_off = _flag_off_reason(key, model_config)
+            if flag_off is None:
+                out[key] = torch.from_numpy(sincos_2d_table(hidden, grid)).float()
+    return out
+
+
+def save_bagel_checkpoint(directory: str | Path, model: torch.nn.Module, vae, tokenizer,
+                          state: Mapping[str, torch.Tensor] | None = None, dtype: str | torch.dtype | None = None,
+                          max_shard_size: int | str | None = None,
+                          vit_select_layer: int = BAGEL_VIT_SELECT_LAYER) -> Path:
+    """Write ``model`` (or ``state``, a state dict of it) as a BAGEL-7B-MoT / UniGenDet directory that the
+    official code and :func:`load_bagel_checkpoint` read: ``ema.safetensors`` (or ``ema-0000i-of-0000N``
+    shards + ``ema.safetensors.index.json`` above ``max_shard_size``; None: one file, which is what BAGEL's own
+    loader opens), ``llm_config.json``, ``vit_config.json``, ``ae.safetensors`` (FLUX VAE in BFL naming) and
+    the tokenizer files. ``dtype`` casts the floating weights (None: as stored); the sin-cos tables stay fp32."""
+    from unigendet.utils.safetensors_shards import cast_floating, save_sharded
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config: ModelConfig = model.config
+    if config.max_latent_size != BAGEL_MAX_LATENT_SIZE:
+        logger.warning("max_latent_size is %d; BAGEL's code always builds %d (its latent table has %d rows)",
+                       config.max_latent_size, BAGEL_MAX_LATENT_SIZE, BAGEL_MAX_LATENT_SIZE**2)
+    source = model.state_dict() if state is None else state
+    weights = cast_floating({k: v.detach() for k, v in source.items()}, dtype)
+    weights = to_bagel_state_dict(weights, config)
+    stored = {str(v.dtype).removeprefix("torch.") for k, v in weights.items() if not k.endswith("pos_embed")}
+    (directory / LLM_CONFIG_NAME).write_text(
+        json.dumps(llm_config_to_json(config.llm, stored.pop() if len(stored) == 1 else "float32"), indent=2))
+    (directory / VIT_CONFIG_NAME).write_text(json.dumps(vit_config_to_json(config.vit, vit_select_layer), indent=2))
+    save_sharded(weights, directory, BAGEL_WEIGHTS_PREFIX, max_shard_size)
+    vae.save_bfl(directory / VAE_WEIGHTS_NAME)
+    tokenizer.save_pretrained(str(directory))
+    write_slow_tokenizer_files(directory)
+    logger.info("wrote a BAGEL-layout checkpoint (%d tensors) to %s", len(weights), directory)
+    return directory
+
+
+_ADDED_TOKEN_FIELDS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+
+
+def write_slow_tokenizer_files(directory: str | Path) -> bool:
+    """Make a saved tokenizer readable by the slow ``Qwen2Tokenizer`` that BAGEL's code builds: ``vocab.json`` and
+    ``merges.txt`` written from ``tokenizer.json`` when missing, and the added (special) tokens with their ids
+    recorded in ``tokenizer_config.json``'s ``added_tokens_decoder`` (where the slow class finds them; recent
+    transformers keep them only in ``tokenizer.json``, and without them BAGEL would add ``<|im_start|>`` & co. again
+    under new ids). Returns False, with a warning, for a tokenizer these files cannot express (not a plain BPE)."""
+    directory = Path(directory)
+    source = directory / "tokenizer.json"
+    if not source.is_file():
+        return (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    data = json.loads(source.read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    if model.get("type") != "BPE" or any(len(m) != 2 or " " in "".join(m) for m in merges):
+        logger.warning("%s: cannot write vocab.json/merges.txt (not a plain BPE tokenizer); BAGEL's slow "
+                       "Qwen2Tokenizer will not load this directory", directory)
+        return False
+    if not (directory / "vocab.json").is_file():
+        (directory / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    if not (directory / "merges.txt").is_file():
+        lines = "".join(f"{a} {b}\n" for a, b in merges)
+        (directory / "merges.txt").write_text("#version: 0.2\n" + lines, encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    if "added_tokens_decoder" not in config and data.get("added_tokens"):
+        config["added_tokens_decoder"] = {
+            str(token["id"]): {k: token.get(k, False) for k in _ADDED_TOKEN_FIELDS} for token in data["added_tokens"]}
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return True

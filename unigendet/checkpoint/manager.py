@@ -15,7 +15,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -40,6 +40,7 @@ from unigendet.distributed import (
     world_size,
 )
 from unigendet.utils.errors import RunError
+from unigendet.utils.safetensors_shards import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ class CheckpointConfig:
     resume: str = "auto"
     # Write a consolidated safetensors model directory (from_pretrained layout) at the end.
     export_final: bool = True
+    # Precision of that export (fp32 keeps the training values exactly, e.g. to start the next stage from them;
+    # bf16 halves its size) and its largest shard ("5GB", "500MB"; "none": one file).
+    export_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    export_max_shard_size: str = "5GB"
     # Check every file's SHA-256 before resuming (false: sizes only, for very large checkpoints on slow disks).
     verify_checksums: bool = True
 
@@ -114,6 +119,14 @@ class CheckpointConfig:
         require_range("keep_last_k", self.keep_last_k, 1)
         if not self.resume:
             raise ConfigError("resume must be 'auto', 'none' or a checkpoint directory")
+        if self.export_max_shard_size != "none":
+            try:
+                parse_size(self.export_max_shard_size)
+            except ValueError as err:
+                raise ConfigError(f"export_max_shard_size: {err}") from err
+
+    def export_shard_size(self) -> str | None:
+        return None if self.export_max_shard_size == "none" else self.export_max_shard_size
 
 
 def _from_main(obj: Any) -> Any:

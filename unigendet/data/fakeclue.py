@@ -42,19 +42,40 @@ class _Invalid(NamedTuple):
 
 
 def read_json_list(path: Path) -> list[Any]:
-    """The top-level JSON list of ``path``; DataFormatError naming the path otherwise."""
+    """The entries of ``path``: a top-level JSON list, or JSON Lines (one JSON value per non-blank line; the
+    format of ``.jsonl`` files and of BAGEL's VLM annotations, recognised by content as well as by suffix).
+    DataFormatError naming the path (and, for JSONL, the line) otherwise."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}: not valid JSON ({err})") from err
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataFormatError(f"{path}: not UTF-8 text ({err})") from err
+    if path.suffix.lower() == ".jsonl":
+        return _json_lines(path, text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        # Several JSON objects one after another: JSON Lines under another suffix.
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _json_lines(path, text)
+        raise DataFormatError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
+        raise DataFormatError(f"{path}: expected a JSON list of entries (or JSON Lines), got {type(data).__name__}")
     return data
+
+
+def _json_lines(path: Path, text: str) -> list[Any]:
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}:{number}: not a JSON value ({err})") from err
+    return entries
 
 
 def parse_fakeclue_entry(

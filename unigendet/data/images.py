@@ -126,9 +126,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+SOURCE_FORMAT = "source_format"
+
+
 def _decoded_rgb(open_image, where: str, limits: DecodeLimits) -> Image.Image:
     """Open, check the pixel count, fully decode (so truncation shows now, not inside a transform) and
-    convert to RGB."""
+    convert to RGB. The file's format (``JPEG``, ``PNG``, ...) is kept in ``info[SOURCE_FORMAT]``: conversions
+    drop ``Image.format``, and a lossy source matters to detectors that read compression artefacts."""
     try:
         # PIL warns about large images at open; the pixel check below replaces that warning with a
         # counted bad sample, so the warning would only flood the logs of every worker.
@@ -137,7 +141,9 @@ def _decoded_rgb(open_image, where: str, limits: DecodeLimits) -> Image.Image:
             with open_image() as img:
                 limits.check_pixels(img.width, img.height, where)
                 img.load()
-                return to_rgb(img)
+                rgb = to_rgb(img)
+                rgb.info[SOURCE_FORMAT] = img.format
+                return rgb
     except Image.DecompressionBombError as err:
         raise BadSample("too_large", f"{where}: {err}") from None
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):

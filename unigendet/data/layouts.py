@@ -19,6 +19,10 @@ layout             on disk                                                      
                    landmarks ``.../landmarks/<video>/<n>.npy``                                   (0 real, 1 fake)
 =================  ===========================================================================  ====================
 
+``diffusionforensics`` (DiffusionForensics, released with DIRE): ``<root>/{train,val,test}/<domain>/<generator>/
+[<sub-folders>/]<image>`` with root = the dataset's ``images/`` folder; generator folder ``real`` = real, any
+other generator folder = fake.
+
 Rules shared by every layout:
 
 * Images are found by extension (:data:`IMAGE_EXTENSIONS`, any case) directly inside their folder (sub-folders of
@@ -747,6 +751,90 @@ def _landmarks(frame: str, where: str, ctx: _FrameContext) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# DiffusionForensics (the benchmark released with DIRE)
+
+DIFFUSIONFORENSICS = "DiffusionForensics"
+DIFFUSIONFORENSICS_EXPECTED = ("<root>/{train,val,test}/<domain>/<generator>/[<sub-folders>/]<image>, root = the "
+                               "dataset's images/ folder (or its parent); <generator> 'real' holds the real images")
+DIFFUSIONFORENSICS_SPLITS = ("train", "val", "test")
+DIFFUSIONFORENSICS_REAL_DIR = "real"
+
+
+def _tree_images(folder: Path, root: Path, layout: str, expected: str, skipped: list[str]) -> list[_Found]:
+    """Image files anywhere under ``folder`` (sub-folders such as ImageNet class folders included), sorted by path;
+    LayoutError when there is none."""
+    found: list[_Found] = []
+    for current, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if _visible(d))
+        if any(_is_image_name(name) for name in files):
+            found += _folder_images(Path(current), root, layout, expected, skipped)
+    if not found:
+        raise LayoutError(f"{layout}: {folder} has no image files; expected {expected}")
+    return sorted(found, key=lambda f: f.listed.as_posix())
+
+
+def index_diffusionforensics(root: str | Path, groups: Sequence[str] | None = None,
+                             splits: Sequence[str] | None = None, limit_per_group: int | None = None,
+                             domains: Sequence[str] | None = None, pair_reals: bool = False) -> LayoutIndex:
+    """DiffusionForensics: ``<root>/<split>/<domain>/<generator>/[<sub-folders>/]<image>``, as released with DIRE
+    (``images/{train,val,test}/{imagenet,celebahq,lsun_bedroom}/{real,adm,sdv1,...}``; ImageNet images sit in
+    class or numbered sub-folders, searched to any depth). ``root`` is the ``images/`` folder or the folder
+    holding it (the release's ``recons/`` and ``dire/`` trees are not read).
+
+    Labels: the generator folder ``real`` = real (-> 0); every other generator folder = fake (-> 1). Group =
+    ``<domain>/<generator>`` (``imagenet/adm``); the reals of a domain are the group ``<domain>/real``, or, with
+    ``pair_reals``, are given to every generator group of their domain and split (keys ``<group>:<path>``) so that
+    each generator can be scored alone against its domain's reals, as per-generator tables do. ``domains`` and
+    ``groups`` (generator folder names, e.g. ``adm``; ``real`` is always read) select; every selected domain of a
+    split needs a ``real/`` folder.
+    """
+    _check_limit(limit_per_group)
+    root = _root_dir(root, DIFFUSIONFORENSICS, DIFFUSIONFORENSICS_EXPECTED)
+    if not _has_split_dir(root, DIFFUSIONFORENSICS_SPLITS) and (root / "images").is_dir():
+        root = root / "images"
+    present = [s for s in DIFFUSIONFORENSICS_SPLITS if (root / s).is_dir()]
+    if not present:
+        raise LayoutError(f"{DIFFUSIONFORENSICS}: {root} has no train/, val/ or test/ folder; expected "
+                          f"{DIFFUSIONFORENSICS_EXPECTED}")
+    records: list[ImageRecord] = []
+    skipped: list[str] = []
+    for split in _check_splits(splits, present, DIFFUSIONFORENSICS, root):
+        split_dir = root / split
+        found_domains = [d.name for d in _subdirs(split_dir)]
+        for domain in _select(found_domains, domains, "domain", split_dir, DIFFUSIONFORENSICS,
+                              DIFFUSIONFORENSICS_EXPECTED):
+            records += _diffusionforensics_domain(root, split, split_dir / domain, groups, limit_per_group,
+                                                  pair_reals, skipped)
+    return _finish("diffusionforensics", root, records, skipped)
+
+
+def _diffusionforensics_domain(root: Path, split: str, domain_dir: Path, groups: Sequence[str] | None,
+                               limit: int | None, pair_reals: bool, skipped: list[str]) -> list[ImageRecord]:
+    domain = domain_dir.name
+    if not (domain_dir / DIFFUSIONFORENSICS_REAL_DIR).is_dir():
+        raise LayoutError(f"{DIFFUSIONFORENSICS}: {domain_dir} has no '{DIFFUSIONFORENSICS_REAL_DIR}' folder; "
+                          f"expected {DIFFUSIONFORENSICS_EXPECTED}")
+    generators = [d.name for d in _subdirs(domain_dir) if d.name != DIFFUSIONFORENSICS_REAL_DIR]
+    chosen = _select(generators, groups, "generator", domain_dir, DIFFUSIONFORENSICS, DIFFUSIONFORENSICS_EXPECTED) \
+        if groups is not None or generators else []
+    reals = _take_evenly([_tree_images(domain_dir / DIFFUSIONFORENSICS_REAL_DIR, root, DIFFUSIONFORENSICS,
+                                       DIFFUSIONFORENSICS_EXPECTED, skipped)], limit)
+    records = []
+    for generator in chosen:
+        group = f"{domain}/{generator}"
+        fakes = _tree_images(domain_dir / generator, root, DIFFUSIONFORENSICS, DIFFUSIONFORENSICS_EXPECTED, skipped)
+        records += [ImageRecord(f.path, LABEL_FAKE, group, split, f.listed.relative_to(root).as_posix())
+                    for f in _take_evenly([fakes], limit)]
+        if pair_reals:
+            records += [ImageRecord(f.path, LABEL_REAL, group, split,
+                                    f"{group}:{f.listed.relative_to(root).as_posix()}") for f in reals]
+    if not pair_reals or not chosen:
+        records += [ImageRecord(f.path, LABEL_REAL, f"{domain}/{DIFFUSIONFORENSICS_REAL_DIR}", split,
+                                f.listed.relative_to(root).as_posix()) for f in reals]
+    return records
+
+
+# --------------------------------------------------------------------------------------------------
 # By name
 
 LAYOUTS: dict[str, Callable[..., LayoutIndex]] = {
@@ -754,6 +842,7 @@ LAYOUTS: dict[str, Callable[..., LayoutIndex]] = {
     "ufd": index_ufd,
     "drct2m": index_drct2m,
     "deepfakebench": index_deepfakebench,
+    "diffusionforensics": index_diffusionforensics,
 }
 
 

@@ -207,7 +207,8 @@ class PackedIterable(IterableDataset):
 class SourceConfig:
     """One dataset. ``fakeclue``: a FakeClue-format JSON list + image root (detection samples);
     ``t2i``: ``data_files`` (parquet / arrow / jsonl files or globs, or ``save_to_disk`` directories)
-    with image + caption columns; relative image paths resolve against ``image_root``."""
+    with image + caption columns; relative image paths resolve against ``image_root``. A FakeClue
+    ``json_path`` may be a JSON list or JSONL (one entry per line)."""
 
     kind: Literal["fakeclue", "t2i"]
     weight: float = 1.0
@@ -224,7 +225,13 @@ class SourceConfig:
     data_files: list[str] = field(default_factory=list)
     image_column: str = "image"
     caption_column: str = "caption"
+    # "json_dict": each caption cell is a JSON object of named captions (BAGEL's T2I parquet `captions`); one is
+    # used per row, chosen from the row key and the data seed (unigendet.data.bagel_formats.choose_caption).
+    caption_format: Literal["text", "json_dict"] = "text"
     key_column: str | None = None
+    # Read parquet files in place, row group by row group, instead of copying them into the Arrow cache.
+    streaming: bool = False
+    cached_row_groups: int = 2
     # Where `datasets` keeps its Arrow copy of t2i files (default: the `datasets` cache).
     cache_dir: str | None = None
     # Image paths from the dataset files must stay inside their root; absolute ones are bad samples unless this
@@ -239,6 +246,7 @@ class SourceConfig:
         require_range("max_image_bytes", self.max_image_bytes, 1)
         require_range("max_image_pixels", self.max_image_pixels, 1)
         require_probability("heldout_fraction", self.heldout_fraction, one_allowed=False)
+        require_range("cached_row_groups", self.cached_row_groups, 1)
         if self.kind == "fakeclue" and not (self.json_path and self.image_root):
             raise ConfigError("a fakeclue source needs json_path and image_root")
         if self.kind == "t2i" and not self.data_files:
@@ -259,7 +267,9 @@ def build_source(name: str, sc: SourceConfig, encoder: SampleEncoder, seed: int)
     return TextToImageSource(sc.data_files, encoder, image_column=sc.image_column, caption_column=sc.caption_column,
                              key_column=sc.key_column, image_root=sc.image_root, cache_dir=sc.cache_dir, split=sc.split,
                              heldout_fraction=sc.heldout_fraction, name=name,
-                             allow_absolute_paths=sc.allow_absolute_paths, decode_limits=limits)
+                             allow_absolute_paths=sc.allow_absolute_paths, decode_limits=limits,
+                             caption_format=sc.caption_format, caption_seed=seed, streaming=sc.streaming,
+                             cached_row_groups=sc.cached_row_groups)
 
 
 def _identity(x):

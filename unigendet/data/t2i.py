@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from unigendet.data.bagel_formats import CAPTION_FORMATS, caption_candidates, choose_caption
 from unigendet.data.encoding import SampleEncoder
 from unigendet.data.images import DecodeLimits, decode_image_bytes, load_image_file
 from unigendet.data.packing import PlanSample
@@ -29,11 +30,62 @@ logger = logging.getLogger(__name__)
 _FORMAT_BY_SUFFIX = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
+class ParquetRows:
+    """Rows of one parquet file read straight from the file, without `datasets`' Arrow cache copy.
+
+    Row ``i`` is read by decoding its row group (only the selected columns); the last ``cached_row_groups``
+    decoded row groups are kept, so reading rows in file order decodes each row group once. Random order
+    decodes a row group per row in the worst case: files written with small row groups (a few hundred rows)
+    keep that cheap. Offers the part of the `datasets.Dataset` interface the source uses."""
+
+    def __init__(self, path: Path, cached_row_groups: int = 2, columns: list[str] | None = None):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.cached_row_groups = max(1, cached_row_groups)
+        self._file = pq.ParquetFile(path)
+        self.column_names = list(self._file.schema_arrow.names)
+        self.columns = columns
+        counts = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
+        self._starts = np.cumsum([0, *counts]).tolist()
+        self._cache: dict[int, list[dict[str, Any]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers re-open the file instead of inheriting a reader and decoded rows.
+        return {"path": self.path, "cached_row_groups": self.cached_row_groups, "columns": self.columns}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["cached_row_groups"], state["columns"])
+
+    def select_columns(self, columns: list[str]) -> ParquetRows:
+        return ParquetRows(self.path, self.cached_row_groups, list(columns))
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _row_group(self, group: int) -> list[dict[str, Any]]:
+        rows = self._cache.pop(group, None)
+        if rows is None:
+            rows = self._file.read_row_group(group, columns=self.columns).to_pylist()
+        self._cache[group] = rows  # most recently used last
+        while len(self._cache) > self.cached_row_groups:
+            self._cache.pop(next(iter(self._cache)))
+        return rows
+
+    def __getitem__(self, item: int | str) -> Any:
+        if isinstance(item, str):  # a whole column (the keys, for held-out splits)
+            return self._file.read(columns=[item]).column(0).to_pylist()
+        if not 0 <= item < len(self):
+            raise IndexError(f"{self.path}: row {item} out of range [0, {len(self)})")
+        group = bisect.bisect_right(self._starts, item) - 1
+        return self._row_group(group)[item - self._starts[group]]
+
+
 @dataclass
 class _Part:
     """One loaded file (or ``save_to_disk`` directory)."""
 
-    dataset: datasets.Dataset
+    dataset: datasets.Dataset | ParquetRows
     path: Path
     name: str  # basename, used in default record keys
     # Relative image paths resolve against this: the file's directory, replaced by the source's image_root
@@ -41,8 +93,10 @@ class _Part:
     image_root: Path
 
 
-def caption_texts(data_files: str | Path | Sequence[str | Path], caption_column: str) -> list[str]:
-    """The captions of parquet tables as strings (a corpus for the tiny tokenizer, read without `datasets`).
+def caption_texts(data_files: str | Path | Sequence[str | Path], caption_column: str,
+                  caption_format: str = "text") -> list[str]:
+    """The captions of parquet tables as strings (a corpus for the tiny tokenizer, read without `datasets`);
+    with ``caption_format="json_dict"`` every caption of every JSON caption dict.
 
     FileNotFoundError naming an entry that matches nothing; DataFormatError naming a file that is not a
     readable parquet table with ``caption_column``.
@@ -58,8 +112,19 @@ def caption_texts(data_files: str | Path | Sequence[str | Path], caption_column:
             column = pq.read_table(path, columns=[caption_column]).column(0)
         except (OSError, KeyError, pa.ArrowException) as err:
             raise DataFormatError(f"could not read column {caption_column!r} of {path}: {err}") from err
-        texts += [str(t) for t in column.to_pylist()]
+        cells = column.to_pylist()
+        if caption_format == "json_dict":
+            texts += [text for row, cell in enumerate(cells) for text in _all_captions(cell, f"{path.name}:{row}")]
+        else:
+            texts += [str(t) for t in cells]
     return texts
+
+
+def _all_captions(cell: Any, key: str) -> list[str]:
+    try:
+        return caption_candidates(cell, key)
+    except BadSample:  # training counts and skips that row; the tokenizer corpus simply lacks it
+        return []
 
 
 def _import_datasets():
@@ -70,7 +135,18 @@ def _import_datasets():
     return datasets
 
 
-def _load_part(path: Path, data_format: str | None, cache_dir: str | None, hf_split: str) -> _Part:
+def _load_part(path: Path, data_format: str | None, cache_dir: str | None, hf_split: str,
+               streaming: bool = False, cached_row_groups: int = 2) -> _Part:
+    fmt = None if path.is_dir() else data_format or _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    if streaming and fmt == "parquet":
+        import pyarrow as pa
+
+        try:
+            return _Part(ParquetRows(path, cached_row_groups), path, path.name, path.parent)
+        except (OSError, pa.ArrowException) as err:
+            raise DataFormatError(f"could not read {path} as parquet: {type(err).__name__}: {err}") from err
+    if streaming:
+        logger.info("%s: streaming reads parquet files only; this one goes through the datasets cache", path)
     ds_lib = _import_datasets()
     if path.is_dir():
         try:
@@ -82,7 +158,6 @@ def _load_part(path: Path, data_format: str | None, cache_dir: str | None, hf_sp
                 raise DataFormatError(f"{path}: no split {hf_split!r}; available: {sorted(loaded)}")
             loaded = loaded[hf_split]
         return _Part(loaded, path, path.name, path)
-    fmt = data_format or _FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
         raise DataFormatError(f"{path}: cannot infer the format from the suffix; pass data_format")
     try:
@@ -96,12 +171,15 @@ def _load_part(path: Path, data_format: str | None, cache_dir: str | None, hf_sp
 def _prepare_columns(part: _Part, columns: list[str], image_column: str) -> None:
     """Keep only the needed columns and stop `datasets` from decoding images (decoding is ours, so a
     corrupt image becomes a BadSample of one row instead of an exception inside `datasets`)."""
-    ds_lib = _import_datasets()
     available = part.dataset.column_names
     missing = [c for c in columns if c not in available]
     if missing:
         raise DataFormatError(f"{part.path}: missing column(s) {missing}; available columns: {available}")
     dataset = part.dataset.select_columns(columns)
+    if isinstance(dataset, ParquetRows):  # plain pyarrow values: image structs and bytes are never decoded
+        part.dataset = dataset
+        return
+    ds_lib = _import_datasets()
     feature = dataset.features[image_column]
     if isinstance(feature, ds_lib.Image) and feature.decode:
         dataset = dataset.cast_column(image_column, ds_lib.Image(decode=False))
@@ -114,7 +192,12 @@ class TextToImageSource:
     ``data_files`` is a path, a glob or a list of them; each file (parquet, arrow, json/jsonl, csv, or a
     ``save_to_disk`` directory) is loaded separately so every row keeps its file name for its default key
     ``f"{file basename}:{row}"``; pass ``key_column`` for keys that survive re-sharding. Loading copies each
-    file into `datasets`' Arrow cache (``cache_dir``, default the `datasets` cache).
+    file into `datasets`' Arrow cache (``cache_dir``, default the `datasets` cache), except parquet files with
+    ``streaming=True``, which are read in place (:class:`ParquetRows`).
+
+    ``caption_format="json_dict"`` reads BAGEL's T2I parquet ``captions`` cells (a JSON object of named
+    captions) and uses one caption per row chosen by ``caption_seed`` and the row key
+    (:func:`unigendet.data.bagel_formats.choose_caption`); ``"text"`` takes the cell as the caption.
 
     The image column may hold encoded bytes, a ``{bytes, path}`` struct (also `datasets`' Image feature,
     read undecoded) or a path string (LAION ``final_metadata.json``: ``image_path``), resolved against
@@ -140,8 +223,15 @@ class TextToImageSource:
         name: str = "t2i",
         allow_absolute_paths: bool = False,
         decode_limits: DecodeLimits = DecodeLimits(),
+        caption_format: str = "text",
+        caption_seed: int = 0,
+        streaming: bool = False,
+        cached_row_groups: int = 2,
     ):
         check_split(split, heldout_fraction)
+        if caption_format not in CAPTION_FORMATS:
+            raise ValueError(f"caption_format must be one of {CAPTION_FORMATS}, got {caption_format!r}")
+        self.caption_format, self.caption_seed = caption_format, caption_seed
         self.encoder = encoder
         self.name = name
         self.image_column, self.caption_column, self.key_column = image_column, caption_column, key_column
@@ -151,7 +241,8 @@ class TextToImageSource:
         columns = list(dict.fromkeys(c for c in (image_column, caption_column, key_column) if c is not None))
         cache = str(cache_dir) if cache_dir is not None else None
 
-        self._parts = [_load_part(p, data_format, cache, hf_split) for p in expand_data_files(data_files)]
+        self._parts = [_load_part(p, data_format, cache, hf_split, streaming, cached_row_groups)
+                       for p in expand_data_files(data_files)]
         for part in self._parts:
             _prepare_columns(part, columns, image_column)
             part.image_root = (self.image_root or part.image_root).resolve()
@@ -216,13 +307,19 @@ class TextToImageSource:
         part, row = self._locate(index)
         record = self._row(part, row)
         key = str(record[self.key_column]) if self.key_column is not None else f"{part.name}:{row}"
-        return key, record[self.caption_column], record[self.image_column]
+        return key, self._caption(record[self.caption_column], key), record[self.image_column]
+
+    def _caption(self, cell: Any, key: str) -> Any:
+        """The caption of a row: the cell itself, or one caption of a JSON caption dict."""
+        if self.caption_format == "json_dict":
+            return choose_caption(cell, key, self.caption_seed)
+        return cell
 
     def load(self, index: int) -> PlanSample:
         part, row = self._locate(index)
         record = self._row(part, row)
         key = str(record[self.key_column]) if self.key_column is not None else f"{part.name}:{row}"
-        caption = record[self.caption_column]
+        caption = self._caption(record[self.caption_column], key)
         if caption is not None and not isinstance(caption, str):
             raise BadSample("malformed_entry", f"{key}: caption is a {type(caption).__name__}, not a string")
         if caption is None or not caption.strip():

@@ -97,15 +97,27 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             f"{path} holds no tokenizer files: expected tokenizer.json, or vocab.json + merges.txt "
             f"(found: {', '.join(present) or 'none of them'})"
         )
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
+    extra = {}
+    if _holds_unigendet_config(path):
+        # Our config.json (model_type "unigendet") is no transformers model config; the tokenizer class is named
+        # in tokenizer_config.json, so an empty config spares AutoConfig's failed lookup and its warning.
+        extra["config"] = PretrainedConfig()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, **extra)
     except Exception as err:  # a malformed file surfaces as JSONDecodeError, KeyError or a tokenizers Exception
         culprit = _unparsable_file(path)
         raise OSError(f"could not load the tokenizer from {culprit}: {type(err).__name__}: {err}") from err
     logger.debug("loaded tokenizer %s from %s (%d tokens)", type(tokenizer).__name__, path, len(tokenizer))
     return tokenizer
+
+
+def _holds_unigendet_config(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "config.json").read_text()).get("model_type") == "unigendet"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _unparsable_file(directory: Path) -> Path:

@@ -28,6 +28,9 @@ from unigendet.recipes import recipe_path
 logger = logging.getLogger(__name__)
 
 BASELINES = ("ltd", "corit", "spectral")
+# Detectors the demo trains only when asked (``demo.baselines=[ltd,corit,spectral,craft]``): CRAFT runs a few DDIM
+# steps through three diffusion components per image, roughly 30-40 s more on two CPU cores.
+OPTIONAL_BASELINES = ("craft",)
 UFD_SUBSET = "demo"
 UFD_SPLITS = {"train": "train", "heldout": "val"}  # demo split -> UFD split folder
 _CLASS_DIRS = {0: "0_real", 1: "1_fake"}  # internal label -> UFD folder

@@ -15,7 +15,9 @@ From these the base class provides ``forward``, ``loss`` (binary cross-entropy, 
 ``predict_proba`` (p(fake) per image), ``training_step`` (plain or SAM), ``trainable_parameters``,
 ``save_pretrained`` / ``from_pretrained`` (``detector.json`` + ``model.safetensors``, strict key check) and a
 feature fingerprint for on-disk feature caches. A batch may carry precomputed ``"features"``; then the frozen
-part is skipped.
+part is skipped. A detector whose whole pipeline trains (CRAFT) overrides ``forward``/``loss`` itself, may give
+per-module learning rates through ``param_groups``, and sets ``features_replace_inputs = False`` when it reads
+its inputs next to cached features.
 
 Detectors register under a name (:func:`register_detector`); :func:`build_detector` and :func:`load_detector`
 find the class by that name (the built-in ones are imported on first use).
@@ -78,6 +80,9 @@ class Detector(nn.Module, abc.ABC):
     name: ClassVar[str] = ""
     config_class: ClassVar[type]
     default_lr: ClassVar[float] = 1e-4
+    # Whether cached features replace the preprocessed inputs in a training batch (False: the detector reads both,
+    # e.g. CRAFT compares its reconstruction of a cached latent with the input pixels).
+    features_replace_inputs: ClassVar[bool] = True
 
     def __init__(self, config: Any):
         super().__init__()
@@ -156,6 +161,11 @@ class Detector(nn.Module, abc.ABC):
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of everything that trains (the frozen feature part never does)."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups with their own learning rates (``lr`` keys), or None for the engine's default
+        grouping at one learning rate (detectors with per-module learning rates override this)."""
+        return None
 
     def make_optimizer(self, lr: float | None = None, weight_decay: float = 0.0) -> torch.optim.Optimizer:
         """AdamW over the trainable parameters (detectors with another recipe override this)."""
@@ -328,6 +338,8 @@ _BUILTIN_MODULES = {
     "ltd": "unigendet.detectors.ltd",
     "corit": "unigendet.detectors.corit",
     "spectral": "unigendet.detectors.spectral",
+    "resnet": "unigendet.detectors.resnet",
+    "craft": "unigendet.detectors.craft",
 }
 
 

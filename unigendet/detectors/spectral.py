@@ -152,6 +152,18 @@ def spectral_features(values: torch.Tensor, cfg: SpectralConfig) -> torch.Tensor
                       peak_features(values, cfg.median_kernel, cfg.hf_radius, cfg.peak_quantile)])
 
 
+def spectral_map_image(values) -> Image.Image:
+    """A 2-D map (tensor or array) as a grey 8-bit image, its finite range scaled to 0-255 (a flat map: all 0);
+    for looking at a map, or for showing it to a model that reads images."""
+    array = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"a spectral map is 2-D, got shape {array.shape}")
+    finite = np.isfinite(array)
+    low, high = (array[finite].min(), array[finite].max()) if finite.any() else (0.0, 0.0)
+    scaled = np.zeros_like(array) if high <= low else (np.where(finite, array, low) - low) / (high - low)
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L")
+
+
 def _mahalanobis(profiles: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     centred = profiles - mean
     return torch.sqrt(torch.einsum("bi,ij,bj->b", centred, precision, centred).clamp_min(0.0))

@@ -2,39 +2,75 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
-import socket
+import shutil
+import tempfile
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
+from unigendet.utils.errors import RunError
+
 logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_process_group(device_type: str) -> None:
     """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU).
 
     Launchers (deepspeed, torchrun, SLURM via launch/) set RANK/WORLD_SIZE/MASTER_*; a plain
-    ``python`` run becomes a world of one on a free local port, so the same code path serves both.
+    ``python`` run becomes a world of one, so the same code path serves both. A world of one meets through a
+    file in a private temporary directory rather than a TCP port: picking a "free" port and binding it later
+    races with every other process doing the same (seen as EADDRINUSE when runs start side by side).
     """
     if dist.is_available() and dist.is_initialized():
         return
+    os.environ.update(slurm_rank_environment(os.environ))
+    init_method = None
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        store_dir = tempfile.mkdtemp(prefix="unigendet-world-of-one-")
+        atexit.register(shutil.rmtree, store_dir, ignore_errors=True)
+        init_method = f"file://{store_dir}/store"
     import deepspeed
 
     backend = "nccl" if device_type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    if init_method is None:
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=init_method, rank=0,
+                                   world_size=1)
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def slurm_rank_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE of a task started by ``srun`` without torchrun.
+
+    Nothing when a launcher already set RANK, or when SLURM started one task. With several tasks, the task ids
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE) become the rank variables, so the
+    tasks form one job; MASTER_ADDR and MASTER_PORT must then be exported by the batch script. Without them
+    the tasks would each start as a separate world of one and write to the same checkpoint directory, so that
+    is a RunError saying how to launch instead.
+    """
+    if "RANK" in env or "OMPI_COMM_WORLD_RANK" in env:
+        return {}
+    tasks = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
+    if tasks is None or int(tasks) <= 1:
+        return {}
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise RunError(
+            f"started by srun as {tasks} tasks without a distributed launcher and without {', '.join(missing)}: "
+            "the tasks would run as separate single-rank jobs writing to one checkpoint directory. Launch with "
+            "torchrun (launch/slurm_example.sbatch), or export MASTER_ADDR=$(scontrol show hostnames "
+            "\"$SLURM_JOB_NODELIST\" | head -n1) and MASTER_PORT=29500 before srun")
+    per_node = (env.get("SLURM_NTASKS_PER_NODE") or "").split("(")[0]
+    local_world = per_node if per_node.isdigit() else tasks
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": local_world}
 
 
 def rank() -> int:

@@ -124,43 +124,136 @@ def _fill_auto(node: Any, values: dict[str, Any], path: str = "") -> Any:
     return node
 
 
-def resolve_deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, bf16: bool) -> dict[str, Any]:
-    """Load the JSON (or generate it) and replace every "auto" by this run's value.
+def _controlled_fields(ds: DeepSpeedConfig, optim: OptimConfig, bf16: bool) -> dict[str, tuple[Any, str]]:
+    """Every JSON field this run's config decides: dotted path -> (value, the config key that sets it)."""
+    return {
+        "train_micro_batch_size_per_gpu": (1, "fixed: one packed sequence per micro-step"),
+        "gradient_accumulation_steps": (ds.gradient_accumulation_steps, "deepspeed.gradient_accumulation_steps"),
+        "gradient_clipping": (optim.max_grad_norm, "optim.max_grad_norm"),
+        "bf16.enabled": (bf16, f"deepspeed.precision={ds.precision}"),
+        "fp16.enabled": (False, "fixed: fp16 is not supported, use deepspeed.precision bf16"),
+        "optimizer.type": ("AdamW", "fixed: AdamW"),
+        "optimizer.params.lr": (optim.lr, "optim.lr"),
+        "optimizer.params.betas": (list(optim.betas), "optim.betas"),
+        "optimizer.params.eps": (optim.eps, "optim.eps"),
+        "optimizer.params.weight_decay": (optim.weight_decay, "optim.weight_decay"),
+        "zero_optimization.stage": (ds.zero_stage, "deepspeed.zero_stage"),
+    }
 
-    Values are taken from our configs so that there is one place to set each option; a literal
-    value in the JSON that disagrees with our config is an error."""
+
+def _same(file_value: Any, ours: Any) -> bool:
+    if isinstance(ours, bool) or isinstance(file_value, bool):
+        return file_value is ours
+    if isinstance(ours, (int, float)) and isinstance(file_value, (int, float)):
+        return math.isclose(float(file_value), float(ours), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(ours, list) and isinstance(file_value, (list, tuple)):
+        return len(ours) == len(file_value) and all(_same(a, b) for a, b in zip(file_value, ours))
+    if isinstance(ours, str) and isinstance(file_value, str):
+        return file_value.lower() == ours.lower()
+    return file_value == ours
+
+
+def _get(tree: dict[str, Any], path: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _apply_controlled_fields(resolved: dict[str, Any], controlled: dict[str, tuple[Any, str]], where: str) -> None:
+    """Fill every controlled field the file leaves out; a literal that disagrees is a ConfigError naming both."""
+    for path, (ours, key) in controlled.items():
+        present, value = _get(resolved, path)
+        if not present:
+            _set(resolved, path, ours)
+        elif not _same(value, ours):
+            raise ConfigError(f"{where} sets {path} = {value!r} but the run's config says {ours!r} ({key}); "
+                              f"write \"auto\" in the file or change {key.split('=')[0]}")
+
+
+def _offloads(zero: dict[str, Any], section: str) -> bool:
+    value = zero.get(section)
+    return isinstance(value, dict) and str(value.get("device", "none")).lower() not in ("none", "")
+
+
+def _apply_offload(resolved: dict[str, Any], ds: DeepSpeedConfig, where: str) -> None:
+    """Offload sections: "auto" (or absent) follows the config; a file that offloads differently is an error."""
+    zero = resolved.setdefault("zero_optimization", {})
+    for section, ours, key in (("offload_optimizer", ds.offload_optimizer, "deepspeed.offload_optimizer"),
+                               ("offload_param", ds.offload_params, "deepspeed.offload_params")):
+        if zero.get(section) in (None, "auto"):
+            zero.pop(section, None)
+            if ours:
+                zero[section] = {"device": "cpu", "pin_memory": True}
+            continue
+        if _offloads(zero, section) != ours:
+            raise ConfigError(f"{where} {'sets' if _offloads(zero, section) else 'turns off'} "
+                              f"zero_optimization.{section} but the run's config says {key}={str(ours).lower()}")
+
+
+def _check_batch_size(resolved: dict[str, Any], ds: DeepSpeedConfig, world_size: int | None, where: str) -> None:
+    """``train_batch_size`` is micro-batch (1) x accumulation x ranks: "auto" is dropped (DeepSpeed derives it)."""
+    if resolved.get("train_batch_size") == "auto":
+        resolved.pop("train_batch_size")
+    if "train_batch_size" not in resolved or world_size is None:
+        return
+    expected = ds.gradient_accumulation_steps * world_size
+    if resolved["train_batch_size"] != expected:
+        raise ConfigError(f"{where} sets train_batch_size = {resolved['train_batch_size']!r} but 1 sequence x "
+                          f"{ds.gradient_accumulation_steps} accumulation steps x {world_size} ranks = {expected} "
+                          "(write \"auto\" or remove it)")
+
+
+def resolve_deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, bf16: bool,
+                             world_size: int | None = None) -> dict[str, Any]:
+    """Load the JSON (or generate it) and make it agree with this run's config.
+
+    One place sets each option: every field our configs decide (precision, clipping, accumulation, the
+    optimizer and its lr/betas/eps/weight decay, the ZeRO stage, offload, the micro-batch) is filled where the
+    file says "auto" or leaves it out, and a literal that disagrees is a ConfigError naming both values. The
+    learning-rate schedule is ours (``optim.warmup_steps``/``decay``): a ``scheduler`` section is an error."""
+    where = "deepspeed config"
     if ds.config_file:
         path = Path(ds.config_file)
+        where = f"deepspeed.config_file {path}"
         if not path.is_file():
             raise ConfigError(f"deepspeed.config_file not found: {path}")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"deepspeed.config_file {path} is not valid JSON: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     else:
         raw = generated_deepspeed_config(ds.zero_stage, ds.offload_optimizer, ds.offload_params)
-    values = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "gradient_clipping": optim.max_grad_norm,
-        "bf16.enabled": bf16,
-        "optimizer.params.lr": optim.lr,
-        "optimizer.params.betas": list(optim.betas),
-        "optimizer.params.eps": optim.eps,
-        "optimizer.params.weight_decay": optim.weight_decay,
-        "zero_optimization.stage": ds.zero_stage,
-    }
-    resolved = _fill_auto(copy.deepcopy(raw), values)
-    stage = resolved.get("zero_optimization", {}).get("stage", 0)
-    if ds.config_file and stage != ds.zero_stage:
-        raise ConfigError(f"deepspeed.config_file sets ZeRO stage {stage} but deepspeed.zero_stage is {ds.zero_stage}")
-    if resolved.get("train_micro_batch_size_per_gpu", 1) != 1:
-        raise ConfigError("train_micro_batch_size_per_gpu must be 1: one packed sequence per micro-step")
-    offloading = "offload_optimizer" in resolved.get("zero_optimization", {})
+    controlled = _controlled_fields(ds, optim, bf16)
+    raw = copy.deepcopy(raw)
+    _apply_offload(raw, ds, where)
+    _check_batch_size(raw, ds, world_size, where)
+    resolved = _fill_auto(raw, {path: value for path, (value, _) in controlled.items()})
+    if "scheduler" in resolved:
+        raise ConfigError(f"{where} has a scheduler section; the schedule is set by optim.warmup_steps, optim.decay "
+                          "and optim.min_lr_ratio (remove the section)")
+    stage = _get(resolved, "zero_optimization.stage")[1]
+    if stage is not None and stage != ds.zero_stage:
+        raise ConfigError(f"{where} sets ZeRO stage {stage} but deepspeed.zero_stage is {ds.zero_stage}")
+    _apply_controlled_fields(resolved, controlled, where)
+    offloading = _offloads(resolved["zero_optimization"], "offload_optimizer")
     # torch's AdamW on device; DeepSpeed's CPU Adam is required when the optimizer lives on the host.
-    resolved.setdefault("optimizer", {}).setdefault("params", {})["torch_adam"] = not offloading
     if offloading:
-        resolved["optimizer"]["params"].pop("torch_adam")
+        resolved["optimizer"]["params"].pop("torch_adam", None)
+    else:
+        resolved["optimizer"]["params"].setdefault("torch_adam", True)
     _keep_overflow_checks(resolved)
     return resolved
 
@@ -181,7 +274,12 @@ def _keep_overflow_checks(resolved: dict[str, Any]) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; norms, biases and embeddings-as-tables are not decayed."""
+    """Decay matrices only; norms, biases and embeddings-as-tables are not decayed. A model with an
+    ``optimizer_param_groups(weight_decay)`` method that returns groups (each with its own ``lr``) uses those."""
+    custom = getattr(model, "optimizer_param_groups", None)
+    groups = custom(weight_decay) if callable(custom) else None
+    if groups is not None:
+        return groups
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -201,10 +299,11 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, optim.weight_decay),
-        config=resolve_deepspeed_config(ds, optim, bf16),
+        config=resolve_deepspeed_config(ds, optim, bf16, world_size=world_size),
         lr_scheduler=scheduler,
     )
     return engine, optimizer, lr_scheduler

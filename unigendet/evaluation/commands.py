@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from unigendet.cascade.calibration import CalibrationTargets
+from unigendet.cascade.config import CascadeConfig
 from unigendet.config.loader import ConfigError, MissingKeyError, to_dict
 from unigendet.evaluation.compare import CompareConfig, run_compare
 from unigendet.evaluation.detectors import (
@@ -124,7 +126,8 @@ def run_detect_command(cfg: DetectCommand) -> list[dict] | str:
     for rec in records:
         p_fake = "n/a" if rec["p_fake"] is None else f"{rec['p_fake']:.4f}"
         explanation = "" if rec["explanation"] is None else f"\n  {rec['explanation']}"
-        lines.append(f"{rec['image']}\t{rec['label']}\tp_fake={p_fake}{explanation}")
+        decision = f"\t{rec['decision']} at {rec['stage_exited']}" if "decision" in rec else ""  # a cascade's
+        lines.append(f"{rec['image']}\t{rec['label']}\tp_fake={p_fake}{decision}{explanation}")
     return "\n".join(lines)
 
 
@@ -282,6 +285,52 @@ class CompareCommand:
 
 def run_compare_command(cfg: CompareCommand) -> dict | None:
     return run_compare(cfg.compare)
+
+
+@dataclass
+class CascadeCommand:
+    """``cascade``: write a cascade directory ``out`` (``cascade.json``) from saved stages and thresholds; with a
+    ``validation`` split (FakeClue or any detection benchmark, labels as its loader states them), first choose the
+    thresholds there to meet the ``calibration`` targets and save the record of the rates achieved.
+    ``copy_stages``: copy the stage-1 and spectral detector directories into ``out``."""
+
+    out: str
+    cascade: CascadeConfig
+    validation: FakeClueEvalConfig | DetectionEvalConfig | None = None
+    calibration: CalibrationTargets = field(default_factory=CalibrationTargets)
+    copy_stages: bool = False
+
+    def check_inputs(self) -> None:
+        self.cascade.check_inputs("cascade")
+        if self.validation is not None:
+            check_split_inputs(self.validation, "validation")
+
+
+def run_cascade_command(cfg: CascadeCommand) -> dict:
+    from unigendet.cascade.calibration import calibrate
+    from unigendet.cascade.storage import build_cascade, save_cascade
+    from unigendet.data.images import load_image_file
+    from unigendet.data.quality import BadSample
+    from unigendet.evaluation.jobs import load_benchmark
+
+    config, record = cfg.cascade, None
+    if cfg.validation is not None:
+        benchmark = load_benchmark(cfg.validation)
+        if not benchmark.records:
+            raise ConfigError("validation: the split holds no image to calibrate on")
+
+        def load(i: int):
+            try:
+                return load_image_file(benchmark.records[i].path)
+            except BadSample as bad:
+                raise ConfigError(f"validation: cannot read {benchmark.records[i].path}: {bad}") from None
+
+        thresholds, record = calibrate(build_cascade(config), load, [r.label for r in benchmark.records],
+                                       cfg.calibration, batch_size=config.batch_size)
+        record["validation"] = benchmark.summary()
+        config = replace(config, thresholds=thresholds)
+    path = save_cascade(cfg.out, config, record, copy_stages=cfg.copy_stages)
+    return {"cascade": str(path.parent), "thresholds": asdict(config.thresholds), "calibration": record}
 
 
 @dataclass

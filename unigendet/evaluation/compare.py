@@ -15,7 +15,10 @@ complete scores nothing. The report ``<out_dir>/<name>.{json,md}`` holds one row
 * the figures the detector's paper reports on the same split (:data:`REPORTED`), with their source, only where
   the split matches (same benchmark, split and groups; no image limit; no perturbation).
 
-``<name>_roc.png`` draws every detector's ROC curve in one plot.
+``<name>_roc.png`` draws every detector's ROC curve in one plot. A tiered cascade (``model.detector: cascade``) gets
+its usual row (its p(fake) is its final score) and, in a second table, its decision metrics (ESCALATE counted as
+fake or left out), escalation rate, share of images reaching each stage, per-stage AUC and latency
+(:mod:`unigendet.cascade.metrics`, from the details stored with each output line).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import torch
 
+from unigendet.cascade.metrics import cascade_lines, cascade_metrics, cascade_table
 from unigendet.config.loader import ConfigError, to_dict
 from unigendet.evaluation.benchmarks import ARFORENSICS_GENERATORS, Benchmark
 from unigendet.evaluation.detectors import (
@@ -512,19 +516,23 @@ def run_compare(cfg: CompareConfig) -> dict | None:
             "reported": _reported_text(figures, sources),
             "reported_figures": [asdict(fig) for fig in figures], "metrics": metrics,
         }
+        if cascade_lines(run.outputs):
+            rows[entry.name]["cascade"] = cascade_metrics(run.outputs)
         scored = [o for o in run.outputs if o["error"] is None and math.isfinite(o["p_fake"])]
         curves[entry.name] = ([o["p_fake"] for o in scored], [o["label"] for o in scored])
     out_dir = Path(base.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     roc = roc_curves_png(out_dir / f"{cfg.name}_roc.png", curves, f"{cfg.name}: ROC of every detector")
     table = comparison_table(rows, sources, f"{kind}: detectors compared")
+    cascades = {name: row["cascade"] for name, row in rows.items() if "cascade" in row}
+    tables = [table, cascade_table(cascades, f"{kind}: cascade decisions, stages and latency")] if cascades else [table]
     settings = {k: v for k, v in asdict(base).items() if k != "name"}
     provenance = run_provenance({**settings, "detectors": [to_dict(entry) for entry in cfg.detectors],
                                  "dataset": benchmark.summary(), "reported_sources": sources,
                                  "jobs": {name: run.fingerprint for name, (run, _) in runs.items()}},
                                 seed=base.seed)
     headline = [f"{name}.{key}" for name in rows for key in ("acc", "auc")]
-    paths = write_report(out_dir, cfg.name, rows, provenance, tables=[table], figures={"ROC curves": roc},
+    paths = write_report(out_dir, cfg.name, rows, provenance, tables=tables, figures={"ROC curves": roc},
                          headline=headline)
     logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return rows

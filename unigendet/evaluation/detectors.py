@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
+from unigendet.cascade import CASCADE, CASCADE_FILE, load_cascade
 from unigendet.config.loader import ConfigError
 from unigendet.detectors.adapter import DetectorAdapter, saved_detector_name
 from unigendet.detectors.base import META_FILE, available_detectors
@@ -151,8 +152,8 @@ def as_image_detector(detector, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, de
 
 
 def detector_names() -> list[str]:
-    """``unigendet`` and every registered baseline detector."""
-    return [UNIGENDET, *available_detectors()]
+    """``unigendet``, every registered baseline detector and ``cascade`` (a saved tiered cascade)."""
+    return [UNIGENDET, *available_detectors(), CASCADE]
 
 
 @dataclass
@@ -160,7 +161,8 @@ class DetectorSource(ModelSource):
     """The detector a command scores with and where its weights are: ``detector: unigendet`` (default) loads
     our model from ``path`` (an exported directory, or a BAGEL/UniGenDet one with ``bagel``); any other name
     (``ltd``, ``corit``, ``spectral``, ...) loads the baseline saved in ``path`` with ``save_pretrained``, whose
-    ``detector.json`` must name that detector. Baselines run in float32 and only give p(fake)."""
+    ``detector.json`` must name that detector. Baselines run in float32 and only give p(fake). ``detector: cascade``
+    loads the tiered cascade saved in ``path`` (its ``cascade.json`` names its stages and their settings)."""
 
     detector: str = UNIGENDET
     backbone_path: str | None = None  # a baseline saved without its frozen backbone: the backbone's directory
@@ -179,6 +181,8 @@ class DetectorSource(ModelSource):
             return
         if self.bagel or self.weights is not None:
             raise ConfigError(f"bagel and weights apply to detector unigendet only, not {self.detector!r}")
+        if self.detector == CASCADE and self.backbone_path is not None:
+            raise ConfigError("backbone_path: a cascade names its stages' directories in its cascade.json")
         if self.dtype != "fp32":
             raise ConfigError(f"dtype: baseline detectors run in fp32; {self.dtype!r} applies to unigendet only")
 
@@ -190,6 +194,13 @@ class DetectorSource(ModelSource):
     def check_saved_detector(self, key: str = "model") -> None:
         """ConfigError (one line, naming the keys) when ``path`` holds another detector than ``detector``."""
         path = Path(self.path)
+        if self.detector == CASCADE:
+            if not (path / CASCADE_FILE).is_file():
+                raise ConfigError(f"{key}.path: {path} is not a saved cascade (no {CASCADE_FILE})")
+            return
+        if (path / CASCADE_FILE).is_file():
+            raise ConfigError(f"{key}.path: {path} holds a saved cascade; set {key}.detector: cascade "
+                              "(--detector cascade)")
         if self.is_unigendet:
             if (path / META_FILE).is_file():
                 found = saved_detector_name(path)
@@ -224,5 +235,7 @@ def load_image_detector(source: DetectorSource, options: DetectorOptions | None 
                                       decoding=decoding, seed=seed)
     baseline_options_unset(options)
     source.check_saved_detector()
+    if source.detector == CASCADE:  # its verifier's settings (tokens, seed) are in its cascade.json
+        return load_cascade(source.path, device=source.device)
     return DetectorAdapter.load(source.path, source.detector, backbone_path=source.backbone_path,
                                 device=resolve_device(source.device), batch_size=batch_size)

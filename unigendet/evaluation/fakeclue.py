@@ -75,7 +75,7 @@ def fakeclue_summary(metrics: dict) -> dict[str, float]:
 
 def job_identity(benchmark: str, detector, model_path) -> dict:
     """What, besides the records and the perturbation, decides a job's outputs (the harness fingerprint)."""
-    return {"benchmark": benchmark, "weights_sha256_head": weights_fingerprint(model_path),
+    return {"benchmark": benchmark, "weights_sha256": weights_fingerprint(model_path),
             "detector": detector.describe()}
 
 

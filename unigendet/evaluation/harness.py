@@ -177,13 +177,18 @@ def _check_fingerprint(shard_dir: Path, expected: dict[str, Any]) -> None:
 
 def output_line(index: int, rec: EvalRecord, setting: str, out: DetectionResult | None, error: str | None) -> dict:
     p_fake = None if out is None or not math.isfinite(out.p_fake) else float(out.p_fake)
-    return {
+    line = {
         "index": index, "key": rec.key, "label": rec.label, "group": rec.group, "setting": setting,
         "p_fake": p_fake,
         "text": None if out is None else out.text,
         "text_label": None if out is None else out.text_label,
         "error": error,
     }
+    details = getattr(out, "details", None)
+    details = details() if callable(details) else None
+    if details is not None:  # only detectors with extra per-image fields (a cascade) add the key
+        line["details"] = details
+    return line
 
 
 def read_outputs(path: Path, repair: bool = False) -> list[dict]:

@@ -190,7 +190,7 @@ def report_provenance(gen_dir: str | Path, settings: dict[str, Any], model_path:
     generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     provenance = run_provenance({**settings, "generation": generation}, model_path or generation.get("model"),
                                 seed=generation.get("seed"))
-    for key in ("dtype", "weights_sha256_head"):
+    for key in ("dtype", "weights_sha256"):
         if generation.get(key) is not None and provenance.get(key) is None:
             provenance[key] = generation[key]
     return provenance

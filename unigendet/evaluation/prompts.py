@@ -45,6 +45,11 @@ class PromptTable:
     data_format: str | None = None
     image_root: str | None = None
     cache_dir: str | None = None
+    # BAGEL's T2I parquet: "json_dict" captions, one per row chosen by caption_seed (the training data seed
+    # gives the captions the run trained on); streaming reads parquet files in place (no Arrow cache copy).
+    caption_format: Literal["text", "json_dict"] = "text"
+    caption_seed: int = 0
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         # Absolute paths: the scoring job re-opens the table from selection.json, possibly from another directory.
@@ -111,6 +116,7 @@ def open_source(selection: PromptSelection) -> TextToImageSource:
         t.data_files, encoder=_ImageOnlyEncoder(), image_column=t.image_column, caption_column=t.caption_column,
         key_column=t.key_column, data_format=t.data_format, image_root=t.image_root, cache_dir=t.cache_dir,
         split=split, heldout_fraction=fraction, heldout_salt=selection.heldout_salt, name="eval-prompts",
+        caption_format=t.caption_format, caption_seed=t.caption_seed, streaming=t.streaming,
     )
 
 

@@ -44,7 +44,7 @@ from PIL import Image
 from unigendet.config.loader import ConfigError, from_dict, load_yaml
 from unigendet.data.encoding import IMAGE_TAG, SampleEncoder
 from unigendet.data.images import to_rgb
-from unigendet.data.packing import PlanItem, TextItem, VAEImage
+from unigendet.data.packing import PlanItem, TextItem, VAEImage, ViTImage
 from unigendet.data.tokenizer import special_token_ids
 from unigendet.data.transforms import (
     ImageTransform,
@@ -279,14 +279,21 @@ class UniGenDetDetector:
                 "vae_transform": asdict(prep.vae_transform)}
 
     # ------------------------------------------------------------------ context
-    def context(self, image: Image.Image, question: str) -> list[PlanItem]:
-        """The SMSA plan of one image (VAE block, ViT block, question), as the training encoder lays it out."""
+    def context(self, image: Image.Image, question: str, extra_images: Sequence[Image.Image] = ()) -> list[PlanItem]:
+        """The SMSA plan of one image (VAE block, ViT block, question), as the training encoder lays it out.
+
+        ``extra_images`` are shown to the understanding side as further ViT blocks right after the image's own,
+        before the question (for example a spectral map; the model was not trained with such inputs)."""
         image = to_rgb(image) if image.mode != "RGB" else image
         if self.preprocessing.pre_resize_vae:
             image = self.encoder.vae_transform.resize(image)
         sample = self.encoder.detection(image, question, answer="", label=LABEL_REAL)
         items = sample.items[:-1]  # drop the (empty) answer: decoding produces it
         assert isinstance(sample.items[-1], TextItem) and sample.items[-1].detection_label is not None
+        if extra_images:
+            at = next(i for i, item in enumerate(items) if isinstance(item, ViTImage)) + 1
+            extra = [ViTImage(self.encoder.vit_image(to_rgb(img))) for img in extra_images]
+            items = [*items[:at], *extra, *items[at:]]
         return items
 
     def _latents(self, plans: list[list[PlanItem]], seeds: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -314,10 +321,12 @@ class UniGenDetDetector:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         decoding: DecodingConfig | None = None,
         seed: int | Sequence[int] = DEFAULT_SEED,
+        extra_images: Sequence[Sequence[Image.Image]] | None = None,
     ) -> list[DetectionResult]:
         """Detect and explain a batch of images. ``question`` (one for all) or ``questions`` (one per
         image) is the text after ``<image>`` in the FakeClue human turn; default :data:`DEFAULT_QUESTION`.
-        ``seed``: an int (combined with each image's content, :func:`image_seed`) or one seed per image."""
+        ``seed``: an int (combined with each image's content, :func:`image_seed`) or one seed per image.
+        ``extra_images``: per image, further images for the understanding side (see :meth:`context`)."""
         images = list(images)
         if not images:
             return []
@@ -336,8 +345,11 @@ class UniGenDetDetector:
             raise ValueError("max_new_tokens must be >= 0")
         decoding = decoding or DecodingConfig()
 
+        if extra_images is not None and len(extra_images) != len(images):
+            raise ValueError(f"{len(extra_images)} lists of extra images for {len(images)} images")
+        extras = [()] * len(images) if extra_images is None else [list(e) for e in extra_images]
         fwd = self.cached_forward
-        plans = [self.context(img, q) for img, q in zip(images, questions)]
+        plans = [self.context(img, q, extra) for img, q, extra in zip(images, questions, extras)]
         batch = fwd.pack(plans)
         lat, ts = self._latents(plans, seeds)
         cache = fwd.new_cache(len(plans))

@@ -7,7 +7,10 @@ reads them. A BAGEL/UniGenDet directory has no such file: the training defaults 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -17,14 +20,38 @@ import torch
 from unigendet.config.loader import ConfigError
 from unigendet.inference.detect import RUN_CONFIG_NAME, DetectorPreprocessing, Posterior, UniGenDetDetector
 from unigendet.inference.generate import Generator
+from unigendet.utils.hub import looks_like_hub_id, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The parameter dtype of ``dtype`` on ``device``: ``auto`` is bf16 on CUDA (what BAGEL runs in, half the
+    memory of fp32) and fp32 elsewhere (CPU bf16 matmuls are slow and lose precision for nothing)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | None, env: Mapping[str, str] | None = None) -> torch.device:
+    """The device a command runs on: ``device``, or cuda when available else cpu.
+
+    Under a multi-process launch (torchrun, the DeepSpeed launcher, SLURM via torchrun) every rank sees all GPUs
+    of its node, so an index-less ``cuda`` means this rank's own GPU, ``cuda:$LOCAL_RANK``; without that, every
+    rank of an 8-GPU evaluation would load its model onto GPU 0. An explicit index (``cuda:3``) is kept.
+    """
+    env = os.environ if env is None else env
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = env.get("LOCAL_RANK")
+    if resolved.type != "cuda" or resolved.index is not None or local_rank is None:
+        return resolved
+    if not local_rank.strip().isdigit():
+        raise ConfigError(f"LOCAL_RANK must be a non-negative integer, got {local_rank!r}")
+    return torch.device("cuda", int(local_rank))
 
 
 def load_for_inference(
@@ -34,33 +61,48 @@ def load_for_inference(
     device: str | None = None,
     dtype: str = "fp32",
     overrides: dict | None = None,
+    quantize: str = "none",
 ):
     """(model in eval mode, vae, tokenizer) on ``device`` with parameters in ``dtype``.
 
     ``bagel=True`` reads a BAGEL-7B-MoT / UniGenDet checkpoint directory, with ``weights`` (a
-    fine-tuned file) overriding its base weights; otherwise ``model_dir`` is our export.
+    fine-tuned file) overriding its base weights; otherwise ``model_dir`` is our export (one safetensors
+    file or shards with an index). ``model_dir`` may also be a Hugging Face hub id (local hub cache first).
     ``overrides`` replace model-config fields that do not change the weights (for BAGEL directories
-    e.g. the VAE geometry, which BAGEL hard-codes to FLUX's)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    e.g. the VAE geometry, which BAGEL hard-codes to FLUX's). ``quantize`` (``8bit`` / ``4bit``, CUDA and the
+    optional bitsandbytes package) loads on the CPU and quantizes the decoder projections on their way to the
+    GPU (:mod:`unigendet.inference.quantize`)."""
     target = resolve_device(device)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = resolve_dtype(dtype, target)
+    if quantize != "none":
+        from unigendet.inference.quantize import QUANT_MODES, import_bitsandbytes
+
+        if quantize not in QUANT_MODES:
+            raise ValueError(f"quantize must be one of {QUANT_MODES}, got {quantize!r}")
+        import_bitsandbytes()  # fail before reading any weights
+        if target.type != "cuda":
+            raise ValueError(f"quantize={quantize} runs on CUDA only (bitsandbytes kernels); the device is {target}")
+        if torch_dtype == torch.float32:
+            torch_dtype = torch.bfloat16  # the unquantized rest and the 4-bit compute dtype
+    load_device = torch.device("cpu") if quantize != "none" else target
+    model_dir = resolve_model_dir(model_dir)
     if bagel:
         from unigendet.checkpoint.bagel import load_bagel_checkpoint
 
-        model, vae, tokenizer = load_bagel_checkpoint(model_dir, weights=weights, map_location=target,
+        model, vae, tokenizer = load_bagel_checkpoint(model_dir, weights=weights, map_location=load_device,
                                                       dtype=torch_dtype, **(overrides or {}))
     else:
         from unigendet.checkpoint.export import load_model_directory
 
         if weights:
             raise ValueError("weights= overrides only apply to BAGEL/UniGenDet directories (bagel=True)")
-        model, vae, tokenizer = load_model_directory(model_dir, map_location=str(target), **(overrides or {}))
         # Parameters only: RoPE's inv_freq and the sin-cos tables stay fp32 (as the BAGEL loader does).
-        for param in model.parameters():
-            param.data = param.data.to(torch_dtype)
+        model, vae, tokenizer = load_model_directory(model_dir, map_location=str(load_device), dtype=torch_dtype,
+                                                     **(overrides or {}))
+    if quantize != "none":
+        from unigendet.inference.quantize import quantize_decoder
+
+        quantize_decoder(model, quantize, target, compute_dtype=torch_dtype)
     return model.eval(), vae.to(target), tokenizer
 
 
@@ -93,19 +135,22 @@ def build_detector(
     smsa: bool | None = None,
     posterior: Posterior | None = None,
     pre_resize_vae: bool | None = None,
+    quantize: str = "none",
 ) -> UniGenDetDetector:
     """A :class:`~unigendet.inference.detect.UniGenDetDetector` over a loaded model, seeing images as the
     run that produced it did (:func:`detector_preprocessing`; ``smsa``, ``posterior`` and
     ``pre_resize_vae`` override when given)."""
-    model, vae, tokenizer = load_for_inference(model_dir, bagel, weights, device, dtype, overrides)
+    model_dir = resolve_model_dir(model_dir)
+    model, vae, tokenizer = load_for_inference(model_dir, bagel, weights, device, dtype, overrides, quantize)
     preprocessing = detector_preprocessing(model_dir, bagel, smsa, posterior, pre_resize_vae)
     return UniGenDetDetector(model, vae, tokenizer, preprocessing)
 
 
 def build_generator(model_dir: str | Path, bagel: bool = False, weights: str | Path | None = None,
-                    device: str | None = None, dtype: str = "fp32", overrides: dict | None = None) -> Generator:
+                    device: str | None = None, dtype: str = "fp32", overrides: dict | None = None,
+                    quantize: str = "none") -> Generator:
     """A :class:`~unigendet.inference.generate.Generator` over a loaded model."""
-    return Generator(*load_for_inference(model_dir, bagel, weights, device, dtype, overrides))
+    return Generator(*load_for_inference(model_dir, bagel, weights, device, dtype, overrides, quantize))
 
 
 def require_paths(paths: dict[str, str | None]) -> None:
@@ -119,22 +164,32 @@ def require_paths(paths: dict[str, str | None]) -> None:
 class ModelSource:
     """Which trained model to load, and where."""
 
-    path: str  # our exported model directory, or a BAGEL-7B-MoT / UniGenDet directory with bagel: true
+    path: str  # our exported model directory (or a hub id), or a BAGEL-7B-MoT / UniGenDet directory with bagel: true
     bagel: bool = False
     weights: str | None = None  # with bagel: a fine-tuned weights file overriding the directory's
     device: str | None = None  # default: cuda if available, else cpu
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto: bf16 on CUDA, fp32 on CPU
+    # 8bit / 4bit: the decoder projections through bitsandbytes (optional package, CUDA only)
+    quantize: Literal["none", "8bit", "4bit"] = "none"
 
     def validate(self) -> None:
         if self.weights is not None and not self.bagel:
             raise ConfigError("weights overrides only apply to BAGEL/UniGenDet directories (bagel: true)")
+        if self.quantize != "none":
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError(f"quantize: {self.quantize} needs the optional bitsandbytes package "
+                                  "(pip install bitsandbytes; CUDA only)")
+            if self.device is not None and not self.device.startswith("cuda"):
+                raise ConfigError(f"quantize: {self.quantize} runs on CUDA only, not device {self.device!r}")
 
     def check_inputs(self, key: str = "model") -> None:
-        require_paths({f"{key}.path": self.path, f"{key}.weights": self.weights})
+        # A hub id is resolved when the model loads (local hub cache first), with its own clear error.
+        path = None if looks_like_hub_id(self.path) and not Path(self.path).exists() else self.path
+        require_paths({f"{key}.path": path, f"{key}.weights": self.weights})
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"model_dir": self.path, "bagel": self.bagel, "weights": self.weights, "device": self.device,
-                "dtype": self.dtype}
+                "dtype": self.dtype, "quantize": self.quantize}
 
     def load_detector(self, options: "DetectorOptions | None" = None) -> UniGenDetDetector:
         options = options or DetectorOptions()

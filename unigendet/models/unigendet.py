@@ -30,6 +30,8 @@ from unigendet.models.config import ModelConfig
 from unigendet.models.mot import GEN_SUFFIX, MoTLanguageModel, Routing
 from unigendet.models.siglip import SiglipNaViT
 from unigendet.ops.attention import build_attention
+from unigendet.utils.hub import resolve_model_dir
+from unigendet.utils.safetensors_shards import DEFAULT_MAX_SHARD_SIZE, cast_floating, load_sharded, save_sharded
 from unigendet.utils.state_dict import format_key_problems
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "unigendet"
+MODEL_TYPE = "unigendet"
 # Heads a stage may add to a checkpoint that lacks them (kept freshly initialised).
 OPTIONAL_HEADS = ("detection_head.", "diga_projector.")
 
@@ -77,7 +80,7 @@ class UniGenDet(nn.Module):
         self.attention = build_attention(config.attn_backend)
         self.language_model = MoTLanguageModel(llm, self.attention)
         if config.visual_und:
-            self.vit_model = SiglipNaViT(config.vit)
+            self.vit_model = SiglipNaViT(config.vit, attn_implementation=config.attn_backend)
             self.connector = MLPConnector(config.vit.hidden_size, D, D, config.connector_act)
             self.vit_pos_embed = PositionEmbedding2D(config.vit.max_num_patch_per_side, D)
         if config.visual_gen:
@@ -257,42 +260,52 @@ class UniGenDet(nn.Module):
         return self.language_model.model(hidden, position_ids, routing, attend=attend)[0]
 
     # ---------------------------------------------------------------------------------------------
-    # Our own checkpoint format: config.json + model.safetensors
+    # Our own checkpoint format: config.json + model.safetensors (or shards + index)
 
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Write ``config.json`` and ``model.safetensors``. ``state_dict`` replaces this module's
-        own (e.g. a state consolidated from ZeRO-3 partitions)."""
-        from safetensors.torch import save_file
-
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        dtype: str | torch.dtype | None = None,
+                        max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE) -> None:
+        """Write ``config.json`` (Hugging Face style: ``model_type``, ``architectures``, ``torch_dtype``, plus
+        our full ``model`` config) and the weights: ``model.safetensors``, or ``model-0000i-of-0000N.safetensors``
+        shards with ``model.safetensors.index.json`` above ``max_shard_size`` (None: never shard).
+        ``state_dict`` replaces this module's own (e.g. a state consolidated from ZeRO-3 partitions); ``dtype``
+        ("bf16", "fp16", "fp32" or a torch dtype; None keeps each tensor's) casts floating tensors."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT_TAG, "model": to_dict(self.config)}, indent=2))
         source = self.state_dict() if state_dict is None else state_dict
-        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
+        state = cast_floating({k: v.detach() for k, v in source.items()}, dtype)
         if self.config.llm.tie_word_embeddings:
             state.pop("language_model.lm_head.weight", None)
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        stored = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+        (directory / CONFIG_NAME).write_text(json.dumps({
+            "model_type": MODEL_TYPE, "architectures": [type(self).__name__],
+            "torch_dtype": stored[0] if len(stored) == 1 else "mixed",
+            "format": FORMAT_TAG, "model": to_dict(self.config)}, indent=2))
+        save_sharded(state, directory, "model", max_shard_size)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", **overrides) -> "UniGenDet":
-        """Load a directory written by ``save_pretrained``. ``overrides`` replace top-level config
-        fields that do not change weights (e.g. ``attn_backend="flex"``)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        revision: str | None = None, dtype: torch.dtype = torch.float32,
+                        **overrides) -> "UniGenDet":
+        """Load a directory written by ``save_pretrained`` (single file or shards), or a Hugging Face hub id
+        holding one (read from the local hub cache; downloaded when missing unless ``HF_HUB_OFFLINE`` is set).
+        ``overrides`` replace top-level config fields that do not change weights (e.g. ``attn_backend="flex"``).
+        Floating parameters are cast to ``dtype`` while they are adopted (no second full-size copy)."""
+        directory = resolve_model_dir(directory, revision)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a unigendet checkpoint directory?")
         meta = json.loads(config_path.read_text())
-        if meta.get("format") != FORMAT_TAG:
-            raise ValueError(f"{config_path} is not a unigendet config (format={meta.get('format')!r})")
+        if meta.get("format") != FORMAT_TAG and meta.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{config_path} is not a unigendet config (model_type={meta.get('model_type')!r})")
         config = from_dict(ModelConfig, {**meta["model"], **overrides})
         model = cls.without_weights(config)
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
-        model.load_state_dict_strict(state, fresh_ok=OPTIONAL_HEADS)
+        state = load_sharded(directory, "model", device=str(map_location))
+        model.load_state_dict_strict(state, fresh_ok=OPTIONAL_HEADS, dtype=dtype)
         return model.to(map_location)
 
-    def load_state_dict_strict(self, state: dict[str, torch.Tensor], fresh_ok: tuple[str, ...] = ()) -> None:
+    def load_state_dict_strict(self, state: dict[str, torch.Tensor], fresh_ok: tuple[str, ...] = (),
+                               dtype: torch.dtype = torch.float32) -> None:
         """Load with an error that names every missing and unexpected key and every shape mismatch.
 
         A head listed in ``fresh_ok`` (a key prefix) may be absent from ``state`` *as a whole*
@@ -313,6 +326,6 @@ class UniGenDet(nn.Module):
         fresh = [prefix.rstrip(".") for prefix in fresh_ok
                  if hasattr(self, prefix.rstrip(".")) and not any(k.startswith(prefix) for k in state)]
         if any(param.is_meta for param in self.parameters()):
-            self.assign_weights(state, fresh)
+            self.assign_weights(state, fresh, dtype=dtype)
         else:
             self.load_state_dict(state, strict=False)

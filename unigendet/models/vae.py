@@ -302,6 +302,16 @@ class FluxVAE(nn.Module):
         save_file(sd, str(path), metadata=meta)
 
     @classmethod
+    def from_file(cls, path: str | Path, cfg: VAEConfig) -> "FluxVAE":
+        """Either layout: our own file (``save``, recognised by its metadata) or BFL's ``ae.safetensors``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"VAE weights {path} not found")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return cls.load(path, cfg) if meta.get("format") == _FILE_FORMAT else cls.from_bfl_file(path, cfg)
+
+    @classmethod
     def load(cls, path: str | Path, cfg: VAEConfig) -> "FluxVAE":
         """Inverse of ``save``; key set must match exactly. The model takes the file's dtype."""
         with safe_open(str(path), framework="pt") as f:

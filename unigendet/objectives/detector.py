@@ -1,4 +1,5 @@
-"""The objective of the ``detector`` training stage: a baseline detector (LTD, CoRIT, spectral) learns p(fake).
+"""The objective of the ``detector`` training stage: a baseline detector (LTD, CoRIT, spectral, ResNet, ...)
+learns p(fake).
 
 The model is the detector itself (:mod:`unigendet.detectors`), wrapped so that the DeepSpeed engine's forward
 returns the detector's own loss (binary cross-entropy, labels 1 = fake). Only the detector's trainable part
@@ -31,13 +32,12 @@ logger = logging.getLogger(__name__)
 class DetectorStageConfig:
     """Which detector trains and how its inputs are produced.
 
-    ``name``: a registered detector (``ltd``, ``corit``, ``spectral``); ``config``: that detector's own config
-    (validated by its config class; a ``_base_`` include such as ``../detectors/ltd_tiny.yaml`` works here, and
-    the saved run config records every resolved key). ``cache_dir``: keep the frozen features of every training
-    image on disk (only for detectors whose training-time features are a pure function of the image: no random
-    crops or flips). ``statistics_images``: images of the training split from which data-dependent statistics
-    (the spectral detector's feature standardisation, its reference distribution) are fitted once at start-up.
-    """
+    ``name``: a registered detector (``ltd``, ``corit``, ``spectral``, ``resnet``, ...); ``config``: that detector's
+    own config (validated by its config class; a ``_base_`` include such as ``../detectors/ltd_tiny.yaml`` works
+    here, and the saved run config records every resolved key). ``cache_dir``: keep the frozen features of every
+    training image on disk (only for detectors whose training-time features are a pure function of the image: no
+    random crops or flips). ``statistics_images``: images of the training split from which data-dependent statistics
+    (the spectral detector's feature standardisation, its reference distribution) are fitted once at start-up."""
 
     name: str = "ltd"
     config: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +79,15 @@ class DetectorStageConfig:
         official = self.config.get("official_checkpoint")
         if official is not None and not Path(official).is_file():
             problems.append(f"{prefix}.config.official_checkpoint: no such file: {official}")
+        pipeline = self.config.get("pipeline")
+        path = pipeline.get("path") if isinstance(pipeline, dict) else None
+        if path is not None and not Path(path).is_dir():
+            problems.append(f"{prefix}.config.pipeline.path: no such directory: {path}")
+        lpips = self.config.get("lpips")
+        for key in ("trunk_path", "linear_path"):
+            file = lpips.get(key) if isinstance(lpips, dict) else None
+            if file is not None and not Path(file).is_file():
+                problems.append(f"{prefix}.config.lpips.{key}: no such file: {file}")
         return problems
 
 
@@ -91,6 +100,10 @@ class DetectorModel(nn.Module):
 
     def forward(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.detector.loss(tensors)
+
+    def optimizer_param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
+        """The detector's own parameter groups (per-module learning rates), or None for the engine's default."""
+        return self.detector.param_groups(weight_decay)
 
 
 @dataclass
@@ -118,9 +131,11 @@ class DetectorObjective:
         self.cache: FeatureCache | None = None
         if cfg.cache_dir is not None:
             if not detector.features_are_deterministic(train=True):
-                raise ConfigError(f"detector.cache_dir: {detector.name}'s training-time features are random (random "
-                                  "crops or flips), so they cannot be cached; set detector.config.image."
-                                  "train_random_crop=false and detector.config.image.train_hflip=false, or remove "
+                raise ConfigError(f"detector.cache_dir: {detector.name}'s training-time features are not a pure "
+                                  "function of the image (random crops or flips; for CRAFT, terminal_mode 'shared', "
+                                  "whose inversion uses weights that train), so they cannot be cached; set "
+                                  "detector.config.image.train_random_crop=false and detector.config.image."
+                                  "train_hflip=false (CRAFT: detector.config.terminal_mode=two_copy), or remove "
                                   "detector.cache_dir")
             self.cache = FeatureCache.for_detector(detector, cfg.cache_dir, train=True)
 
@@ -153,6 +168,8 @@ class DetectorObjective:
         else:
             features = cached_features(self.detector, batch.images, self.cache, train=True, **batch.extras)
             tensors = {"features": features, "labels": torch.as_tensor(batch.labels, dtype=torch.float32)}
+            if not self.detector.features_replace_inputs:
+                tensors.update(self.detector.preprocess(batch.images, train=True, **batch.extras))
         return DetectorBatch(tensors, len(batch))
 
     def __call__(self, model, batch: DetectorBatch, generator: torch.Generator | None = None,

@@ -40,6 +40,9 @@ class InitConfig:
     # Tokenizer directory; defaults to ``path``. ``tiny`` trains a small byte-level BPE on the
     # run's own texts (demo and tests only).
     tokenizer: str | None = None
+    # A VAE weight file (ours, from ``FluxVAE.save``, or BFL's ``ae.safetensors``) that replaces the VAE of
+    # ``kind``: the trained autoencoder of a geometry with no released weights (the demo's).
+    vae: str | None = None
 
     def validate(self) -> None:
         if self.kind != "random" and not self.path:
@@ -56,7 +59,7 @@ def _texts_for_tiny_tokenizer(sources: dict[str, SourceConfig]) -> list[str]:
         if source.kind == "fakeclue":
             texts += conversation_texts(source.json_path)
         else:
-            texts += caption_texts(source.data_files, source.caption_column)
+            texts += caption_texts(source.data_files, source.caption_column, source.caption_format)
     return texts
 
 
@@ -81,6 +84,15 @@ def _check_same_geometry(expected, found, where: str) -> None:
 
 
 def build_model_and_vae(init: InitConfig, model: ModelConfig) -> tuple[UniGenDet, FluxVAE]:
+    """The model and VAE ``init`` names; ``init.vae`` then replaces the VAE's weights."""
+    built, vae = _build_model_and_vae(init, model)
+    if init.vae is not None:
+        vae = FluxVAE.from_file(init.vae, vae.cfg)
+        logger.info("VAE weights from %s", init.vae)
+    return built, vae
+
+
+def _build_model_and_vae(init: InitConfig, model: ModelConfig) -> tuple[UniGenDet, FluxVAE]:
     if init.kind == "random":
         return UniGenDet(model), FluxVAE(model.vae)
     if init.kind == "bagel":

@@ -107,8 +107,6 @@ class TrainConfig:
             raise ConfigError("model.attn_backend 'flex' cannot train on CPU (no backward); use 'sdpa'")
         if self.stage == "diga":
             self.diga.validate_run(self.model, self.data.source_kinds())
-        if self.lora.enabled and self.deepspeed.zero_stage == 3:
-            raise ConfigError("LoRA is meant for single-GPU runs; use zero_stage <= 2 with lora.enabled")
 
     def check_inputs(self) -> None:
         """The files the run reads exist and the DeepSpeed config resolves: ConfigError naming the key, before
@@ -125,6 +123,7 @@ class TrainConfig:
             problems += check_source_paths(source, f"data.sources.{name}")
         init = self.init
         for key, path, kind in (("init.path", init.path, "dir"), ("init.weights", init.weights, "file"),
+                                ("init.vae", init.vae, "file"),
                                 ("init.tokenizer", None if init.tokenizer == "tiny" else init.tokenizer, "dir")):
             if path is not None and not (Path(path).is_dir() if kind == "dir" else Path(path).is_file()):
                 problems.append(f"{key}: no such {'directory' if kind == 'dir' else 'file'}: {path}")

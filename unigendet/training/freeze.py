@@ -33,7 +33,8 @@ class FreezeConfig:
 
 @dataclass
 class LoRAConfig:
-    """LoRA on the experts' projections via peft (for single-GPU users); base weights frozen."""
+    """LoRA on the experts' projections via peft; base weights frozen. Works with every ZeRO stage and with CPU
+    offload of the optimizer (and, under ZeRO-3, of the parameters): the 7B recipe on one GPU."""
 
     enabled: bool = False
     r: int = 16

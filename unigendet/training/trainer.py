@@ -38,6 +38,7 @@ from unigendet.data.image_folders import ImageFolderLoader
 from unigendet.data.packing import PackedBatch
 from unigendet.data.pipeline import PackedDataLoader
 from unigendet.distributed import (
+    all_gather_object,
     all_reduce_sum,
     init_process_group,
     is_main_process,
@@ -55,6 +56,7 @@ from unigendet.training.guard import DivergenceGuard
 from unigendet.training.metrics import MetricsLogger
 from unigendet.training.preemption import EXIT_PREEMPTED, PreemptionWatch, TrainingPreempted
 from unigendet.training.sharpness import SharpnessStep
+from unigendet.utils.memory import GIB, memory_summary, peak_host_rss_bytes
 from unigendet.utils.seeding import rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,10 @@ class Trainer:
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         logger.info("model: %.2fM trainable parameters; ZeRO-%d; %s; world size %d", n_train / 1e6,
                     cfg.deepspeed.zero_stage, "bf16" if self.bf16 else "fp32", world_size())
+        # Construction memory is per rank (each builds and loads its own copy), so every rank's peak is shown.
+        peaks = all_gather_object(peak_host_rss_bytes())
+        logger.info("after construction: peak host RSS per rank %s GiB; rank 0: %s",
+                    [round(p / GIB, 2) for p in peaks], memory_summary(self.device))
 
     def _build_model_and_objective(self) -> None:
         cfg = self.cfg
@@ -310,7 +316,9 @@ class Trainer:
             state.update(self.ema.consolidated())
         if is_main_process():
             lora_scaling = self.cfg.lora.scaling if self.cfg.lora.enabled else None
-            save_model_directory(directory, module, state, self.vae, self.tokenizer, lora_scaling)
+            save_model_directory(directory, module, state, self.vae, self.tokenizer, lora_scaling,
+                                 dtype=self.cfg.checkpoint.export_dtype,
+                                 max_shard_size=self.cfg.checkpoint.export_shard_size())
             save_config(self.cfg, Path(directory) / "train_config.yaml")
             logger.info("exported model to %s", directory)
 
