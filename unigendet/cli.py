@@ -113,6 +113,7 @@ def prompt_flags() -> tuple[Flag, ...]:
 
 # The flag that selects each benchmark's groups (all set ``groups``), and the keys only one benchmark reads.
 GROUP_FLAGS = {"arforensics": "--generators", "genimage": "--generators", "drct2m": "--generators",
+               "diffusionforensics": "--generators",
                "ufd": "--subsets", "deepfakebench": "--datasets"}
 BENCHMARK_KEYS = {"drct2m": ("real_root",), "deepfakebench": ("json_path", "compression", "frames_per_video")}
 
@@ -127,6 +128,8 @@ def folder_flags(at: str, benchmark: str) -> tuple[Flag, ...]:
     flags += named(at, *BENCHMARK_KEYS.get(benchmark, ()))
     if benchmark == "drct2m":
         flags.append(switch("--no-pair-reals", f"{at}.pair_reals", False, help="score the reals once, as a group"))
+    if benchmark == "diffusionforensics":
+        flags.append(switch("--pair-reals", f"{at}.pair_reals", True, help="give each generator its domain's reals"))
     return tuple(flags)
 
 
@@ -155,12 +158,14 @@ EVAL = "unigendet.evaluation.commands"
 FAKECLUE = ("json_path", "image_root", "label_convention", "limit")
 DETECTION = (*model_flags(), *detector_choice_flags(), *detector_flags("detection"),
              *harness_flags("detection", "setting"), *report_flags("detection"))
-BENCHMARK_HELP = "fakeclue (default), dmimage, arforensics, genimage, ufd, drct2m or deepfakebench"
+BENCHMARK_HELP = "fakeclue (default), dmimage, arforensics, genimage, ufd, drct2m, deepfakebench or diffusionforensics"
 LAYOUT_COMMANDS = (
     ("genimage", "GenImage (<generator>/{train,val}/{ai,nature}): Acc, AUC, AP per generator and mean"),
     ("ufd", "UniversalFakeDetect / ForenSynths (<subset>/{0_real,1_fake}): Acc, AUC, AP per subset and mean"),
     ("drct2m", "DRCT-2M (MSCOCO reals, DRCT-2M/<generator> fakes): Acc, AUC, AP per generator and mean"),
     ("deepfakebench", "DeepfakeBench face frames (dataset JSON + frames): Acc, AUC, AP per dataset and mean"),
+    ("diffusionforensics", "DiffusionForensics (images/<split>/<domain>/<generator>; 'real' = real): Acc, AUC, AP "
+     "per domain/generator and mean"),
 )
 
 

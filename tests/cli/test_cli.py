@@ -58,6 +58,7 @@ def complete_args(name: str, p: dict[str, str]) -> list[str]:
         "eval genimage": [*model, "--root", p["root"]],
         "eval ufd": ["--subsets", "progan", *model, "--root", p["root"], "--split", "test"],
         "eval drct2m": [*model, "--root", p["root"], "--real-root", p["gen"], "--no-pair-reals"],
+        "eval diffusionforensics": [*model, "--root", p["root"], "--pair-reals"],
         "eval deepfakebench": ["--datasets", "DFDC", *model, "--root", p["root"], "--json-path", p["test.json"]],
         "eval robustness": [*model, "--json-path", p["test.json"], "--image-root", p["root"]],
         "eval compare": ["--detectors", f"a=unigendet:{p['model']}", f"unigendet:{p['model']}", "--json-path",

@@ -16,6 +16,7 @@ from unigendet.evaluation.benchmarks import (
     BenchmarkError,
     EvalRecord,
     load_deepfakebench,
+    load_diffusionforensics,
     load_drct2m,
     load_genimage,
     load_ufd,
@@ -119,7 +120,7 @@ def test_load_deepfakebench_lists_left_out_frames_as_invalid(tmp_path):
 
 def test_layout_benchmarks_by_name():
     assert LAYOUT_BENCHMARKS == {"genimage": load_genimage, "ufd": load_ufd, "drct2m": load_drct2m,
-                                 "deepfakebench": load_deepfakebench}
+                                 "deepfakebench": load_deepfakebench, "diffusionforensics": load_diffusionforensics}
 
 
 def test_layout_benchmark_scores_through_the_harness_per_group(tmp_path):
@@ -137,3 +138,38 @@ def test_layout_benchmark_scores_through_the_harness_per_group(tmp_path):
                                   [o["group"] for o in outputs], scores=scores, generators=bench.groups)
     assert metrics["mean_acc"] == 1.0
     assert set(metrics["per_generator"]) == {"adm", "sdv4"}
+
+
+def diffusionforensics(root):
+    for split in ("train", "test"):
+        for gen, value in (("real", REAL_VALUE), ("adm", FAKE_VALUE), ("sdv1", FAKE_VALUE)):
+            for i in range(2):
+                png(root / "images" / split / "imagenet" / gen / "n01440764" / f"{i}.png", value)
+    return root
+
+
+def test_load_diffusionforensics_labels_real_folders_real_and_pairs_on_request(tmp_path):
+    root = diffusionforensics(tmp_path / "DiffusionForensics")
+    bench = load_diffusionforensics(root)
+    assert bench.name == "diffusionforensics" and all("test/" in r.key for r in bench.records)
+    labels = {r.group: {x.label for x in bench.records if x.group == r.group} for r in bench.records}
+    assert labels == {"imagenet/real": {LABEL_REAL}, "imagenet/adm": {LABEL_FAKE}, "imagenet/sdv1": {LABEL_FAKE}}
+    paired = load_diffusionforensics(root, generators=["adm"], pair_reals=True)
+    assert paired.groups == ["imagenet/adm"]
+    assert sorted(r.label for r in paired.records) == [LABEL_REAL, LABEL_REAL, LABEL_FAKE, LABEL_FAKE]
+
+
+def test_eval_diffusionforensics_command_scores_every_generator(tmp_path, capsys):
+    from unigendet.cli import main
+    from unigendet.detectors.base import build_detector
+
+    root = diffusionforensics(tmp_path / "DF")
+    build_detector("spectral", {"radial_bins": 8, "max_side": 8}).save_pretrained(tmp_path / "spectral")
+    out = tmp_path / "out"
+    assert main(["eval", "diffusionforensics", "--detector", "spectral", "--model", str(tmp_path / "spectral"),
+                 "--root", str(root), "--pair-reals", "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "diffusionforensics.json").read_text())
+    assert set(report["metrics"]["head"]["per_generator"]) == {"imagenet/adm", "imagenet/sdv1"}
+    assert main(["eval", "diffusionforensics", "--model", str(tmp_path / "spectral"), "--root", str(root),
+                 f"detection.real_root={root}", "--dry-run"]) == 2
+    assert "real_root applies to drct2m only" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from unigendet.data.layouts import (
     LayoutIndex,
     index_deepfakebench,
     index_drct2m,
+    index_diffusionforensics,
     index_genimage,
     index_ufd,
 )
@@ -294,9 +295,20 @@ def load_deepfakebench(json_path: str | Path, root: str | Path, datasets: list[s
         frames_per_video=frames_per_video))
 
 
+def load_diffusionforensics(root: str | Path, generators: list[str] | None = None, split: str = "test",
+                            limit_per_group: int | None = None, pair_reals: bool = False) -> Benchmark:
+    """DiffusionForensics (``images/<split>/<domain>/<generator>/...``; the generator folder ``real`` = real, every
+    other = fake) -> one split's records, group = ``<domain>/<generator>``; ``pair_reals``: each generator group
+    also holds its domain's reals, for a real and a fake accuracy per generator
+    (:func:`unigendet.data.layouts.index_diffusionforensics`)."""
+    return _layout_benchmark("diffusionforensics", lambda: index_diffusionforensics(
+        root, generators, [split], limit_per_group, pair_reals=pair_reals))
+
+
 LAYOUT_BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "genimage": load_genimage,
     "ufd": load_ufd,
     "drct2m": load_drct2m,
     "deepfakebench": load_deepfakebench,
+    "diffusionforensics": load_diffusionforensics,
 }

@@ -27,6 +27,7 @@ from unigendet.evaluation.benchmarks import (
     load_deepfakebench,
     load_dmimage,
     load_drct2m,
+    load_diffusionforensics,
     load_genimage,
     load_ufd,
 )
@@ -66,12 +67,13 @@ logger = logging.getLogger(__name__)
 MODES = ("head", "text", "text_unparsed_as_wrong")
 
 
-DETECTION_BENCHMARKS = ("dmimage", "arforensics", "genimage", "ufd", "drct2m", "deepfakebench")
+DETECTION_BENCHMARKS = ("dmimage", "arforensics", "genimage", "ufd", "drct2m", "deepfakebench", "diffusionforensics")
 # The split each layout benchmark is scored on by default (its test set), and the splits it has.
 LAYOUT_SPLITS = {"genimage": ("val", ("train", "val")), "ufd": ("test", ("train", "val", "test")),
-                 "drct2m": ("val", ("train", "val")), "deepfakebench": ("test", ("train", "val", "test"))}
+                 "drct2m": ("val", ("train", "val")), "deepfakebench": ("test", ("train", "val", "test")),
+                 "diffusionforensics": ("test", ("train", "val", "test"))}
 # Keys only some benchmarks read; setting one for another benchmark is an error.
-_ONLY_FOR = {"split": tuple(LAYOUT_SPLITS), "real_root": ("drct2m",), "pair_reals": ("drct2m",),
+_ONLY_FOR = {"split": tuple(LAYOUT_SPLITS), "real_root": ("drct2m",), "pair_reals": ("drct2m", "diffusionforensics"),
              "json_path": ("deepfakebench",), "compression": ("deepfakebench",),
              "frames_per_video": ("deepfakebench",)}
 
@@ -83,14 +85,15 @@ class DetectionEvalConfig:
 
     ``root``: the DMimage test directory; the ARForensics root (or its ``test`` directory); the GenImage root
     (``<generator>/{train,val}/{ai,nature}``); the UniversalFakeDetect root (holding ``test/``, or the test folder);
-    the DRCT-2M root (``MSCOCO/`` + ``DRCT-2M/<generator>/``); DeepfakeBench's frames root (with ``json_path``, the
+    the DRCT-2M root (``MSCOCO/`` + ``DRCT-2M/<generator>/``); the DiffusionForensics ``images/`` folder (or its
+    parent); DeepfakeBench's frames root (with ``json_path``, the
     dataset JSON or a folder of them). ``groups`` restricts the benchmark to some of its groups (ARForensics,
     GenImage and DRCT-2M generators, UFD subsets, DeepfakeBench datasets). ``split`` (layouts only): default the
     benchmark's test split (GenImage / DRCT-2M ``val``, UFD / DeepfakeBench ``test``). ``question``: asked about
     every image (None: the detector's default). A key that the benchmark does not read must stay unset.
     """
 
-    benchmark: Literal["dmimage", "arforensics", "genimage", "ufd", "drct2m", "deepfakebench"]
+    benchmark: Literal["dmimage", "arforensics", "genimage", "ufd", "drct2m", "deepfakebench", "diffusionforensics"]
     root: str
     out_dir: str = "runs/eval"
     name: str | None = None  # report stem; default the benchmark name
@@ -98,7 +101,7 @@ class DetectionEvalConfig:
     limit_per_group: int | None = None  # first N images per folder (per class folder / per label for layouts)
     split: str | None = None  # layouts: train / val / test (default the benchmark's test split)
     real_root: str | None = None  # DRCT-2M: the folder holding MSCOCO/ when it is not under root
-    pair_reals: bool | None = None  # DRCT-2M: every generator scored against all reals (default true)
+    pair_reals: bool | None = None  # DRCT-2M (default true) / DiffusionForensics (default false): reals per generator
     json_path: str | None = None  # DeepfakeBench: the dataset JSON (or a folder of <dataset>.json files)
     compression: str | None = None  # DeepfakeBench: FaceForensics++ compression level (default c23)
     frames_per_video: int | None = None  # DeepfakeBench: frames spread evenly over each video (default all)
@@ -147,6 +150,8 @@ def load_detection_benchmark(cfg: DetectionEvalConfig) -> Benchmark:
         benchmark = load_genimage(cfg.root, cfg.groups, cfg.split, limit)
     elif cfg.benchmark == "ufd":
         benchmark = load_ufd(cfg.root, cfg.groups, cfg.split, limit)
+    elif cfg.benchmark == "diffusionforensics":
+        benchmark = load_diffusionforensics(cfg.root, cfg.groups, cfg.split, limit, pair_reals=bool(cfg.pair_reals))
     elif cfg.benchmark == "drct2m":
         benchmark = load_drct2m(cfg.root, cfg.groups, cfg.split, limit, real_root=cfg.real_root,
                                 pair_reals=cfg.pair_reals is not False)
@@ -233,7 +238,7 @@ def dmimage_tables(metrics: dict) -> list[str]:
 
 # How the reports name each per-group benchmark and its groups.
 BENCHMARK_TITLES = {"arforensics": "ARForensics", "genimage": "GenImage", "ufd": "UniversalFakeDetect",
-                    "drct2m": "DRCT-2M", "deepfakebench": "DeepfakeBench"}
+                    "drct2m": "DRCT-2M", "deepfakebench": "DeepfakeBench", "diffusionforensics": "DiffusionForensics"}
 GROUP_NOUNS = {"ufd": "subset", "deepfakebench": "dataset"}
 
 
