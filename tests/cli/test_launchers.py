@@ -63,3 +63,18 @@ def test_srun_tasks_without_a_launcher_become_one_job_or_are_refused():
     assert ranks == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}
     assert slurm_rank_environment({**slurm, "RANK": "3"}) == {}  # torchrun / deepspeed already set the ranks
     assert slurm_rank_environment({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) == {}
+
+
+@pytest.mark.slow
+def test_a_child_of_a_world_of_one_starts_its_own(tmp_path):
+    """A process that inherits the rank variables an in-process run set (RANK=0, WORLD_SIZE=1, no master) trains
+    as its own world of one instead of looking for a master or an MPI launcher."""
+    code = ("from unigendet.distributed.core import init_process_group; import torch.distributed as dist; "
+            "init_process_group('cpu'); print(dist.get_world_size(), dist.get_rank())")
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "DS_ACCELERATOR": "cpu"}
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "1 0"

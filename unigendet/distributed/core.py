@@ -29,7 +29,7 @@ def init_process_group(device_type: str) -> None:
         return
     os.environ.update(slurm_rank_environment(os.environ))
     init_method = None
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+    if _world_of_one(os.environ):
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         store_dir = tempfile.mkdtemp(prefix="unigendet-world-of-one-")
         atexit.register(shutil.rmtree, store_dir, ignore_errors=True)
@@ -44,6 +44,16 @@ def init_process_group(device_type: str) -> None:
                                    world_size=1)
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _world_of_one(env: Mapping[str, str]) -> bool:
+    """No launcher set the ranks, or only the variables this module itself sets for a world of one are present
+    (a child process inherits them: it must not look for a master it was never given)."""
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return False
+    if "RANK" not in env:
+        return True
+    return env.get("WORLD_SIZE") == "1" and not env.get("MASTER_ADDR") and not env.get("MASTER_PORT")
 
 
 def slurm_rank_environment(env: Mapping[str, str]) -> dict[str, str]:
