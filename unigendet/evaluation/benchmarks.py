@@ -20,8 +20,8 @@ from unigendet.data.layouts import (
     LayoutError,
     LayoutIndex,
     index_deepfakebench,
-    index_drct2m,
     index_diffusionforensics,
+    index_drct2m,
     index_genimage,
     index_ufd,
 )

@@ -25,9 +25,9 @@ from unigendet.evaluation.benchmarks import (
     Benchmark,
     load_arforensics,
     load_deepfakebench,
+    load_diffusionforensics,
     load_dmimage,
     load_drct2m,
-    load_diffusionforensics,
     load_genimage,
     load_ufd,
 )
