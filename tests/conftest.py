@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from helpers import det_sample, t2i_sample, tiny_config
@@ -29,6 +31,28 @@ def mixed_samples(gen):
         det_sample(gen, vae_hw=(48, 32), vit_hw=(42, 28), label=LABEL_REAL),
         t2i_sample(gen, (16, 48)),
     ]
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs that, on a busy machine, make each small
+    matrix product hundreds of times slower. The previous setting is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """The command line installs a stderr handler on the root logger; under pytest that stream is the test's
+    capture, closed when the test ends. Restoring the handlers keeps later tests (and server threads still
+    logging) from writing to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(autouse=True)

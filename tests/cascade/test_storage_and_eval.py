@@ -26,12 +26,7 @@ from unigendet.recipes import recipe_path
 STUB = VerifierConfig(kind="stub_spectral_peak", stub_center=1.0, stub_width=0.25)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("sklearn")
@@ -31,12 +30,7 @@ HEADER = ("| detector | kind | Acc | real Acc | fake Acc | AP | AUC | text Acc |
           "reported |")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _image(rng, fake: bool, size: int = 32) -> Image.Image:

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("sklearn")
@@ -21,13 +20,7 @@ from unigendet.recipes import recipe_path
 OUTPUTS = "outputs.jsonl"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

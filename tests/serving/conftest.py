@@ -4,16 +4,12 @@ restored), and one saved detector for the whole session."""
 from __future__ import annotations
 
 import pytest
-import torch
 from serving_data import save_tiny_spectral
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(single_thread):
+    """Every test here runs with one intra-op thread (the shared ``single_thread`` fixture)."""
 
 
 @pytest.fixture(scope="session")

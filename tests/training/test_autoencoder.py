@@ -13,14 +13,7 @@ from unigendet.training.autoencoder import AutoencoderTrainConfig, psnr, train_a
 from unigendet.training.builders import InitConfig, build_model_and_vae
 from unigendet.training.config import load_train_config
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny convolutions: one thread avoids OpenMP hand-off costs that dominate on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def photos(n: int, seed: int, size: int = 64) -> list[torch.Tensor]:

@@ -108,6 +108,28 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def load_hf_strict(model_cls, path: str | Path, what: str, layout: str, **kwargs):
+    """``model_cls.from_pretrained(path)`` from a local directory, with every missing or mis-shaped weight a
+    ConfigError naming ``backbone.path`` (never a silent random initialisation); weights the model does not use
+    (a classification head, a text tower) are logged."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"backbone.path {path}: not a Hugging Face {what} directory (no config.json); expected "
+                          f"{layout}")
+    with _quiet_transformers():
+        model, info = model_cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys", []))
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise ConfigError(f"backbone.path {path}: weights missing for {missing[:8]}"
+                          f"{' ...' if len(missing) > 8 else ''} ({len(missing)} keys); "
+                          f"shape mismatches: {mismatched[:4]}")
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:
+        logger.info("%s directory %s: %d weights not used (e.g. %s)", what, path, len(unexpected), unexpected[0])
+    return model
+
+
 class FrozenCLIP(nn.Module):
     """A frozen ``CLIPVisionModel`` (``self.vision``) and optionally CLIP's visual projection (``self.projection``)."""
 
@@ -151,24 +173,9 @@ class FrozenCLIP(nn.Module):
         """
         from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"backbone.path {path}: not a Hugging Face CLIP directory (no config.json); expected "
-                              "the openai/clip-vit-large-patch14 layout (config.json + model.safetensors)")
         model_cls = CLIPVisionModelWithProjection if with_projection else CLIPVisionModel
-        with _quiet_transformers():
-            model, info = model_cls.from_pretrained(str(path), output_loading_info=True,
-                                                    attn_implementation=attn_implementation)
-        missing = sorted(info.get("missing_keys", []))
-        mismatched = list(info.get("mismatched_keys", []))
-        if missing or mismatched:
-            raise ConfigError(f"backbone.path {path}: weights missing for {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)} keys); "
-                              f"shape mismatches: {mismatched[:4]}")
-        unexpected = sorted(info.get("unexpected_keys", []))
-        if unexpected:
-            logger.info("CLIP directory %s: %d weights not used by the vision encoder (e.g. %s)", path,
-                        len(unexpected), unexpected[0])
+        model = load_hf_strict(model_cls, path, "CLIP", "the openai/clip-vit-large-patch14 layout (config.json + "
+                               "model.safetensors)", attn_implementation=attn_implementation)
         if with_projection:
             return cls(model.vision_model, model.visual_projection)
         return cls(model)

@@ -19,7 +19,6 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 
 from unigendet.config.loader import ConfigError
 from unigendet.detectors.base import Detector, register_detector
-from unigendet.detectors.clip_backbone import _quiet_transformers, state_fingerprint
+from unigendet.detectors.clip_backbone import load_hf_strict, state_fingerprint
 from unigendet.detectors.images import ImagePrepConfig, normalize, prepare_square, to_tensor01
 
 logger = logging.getLogger(__name__)
@@ -144,21 +143,8 @@ def load_resnet(config: ResNetBackboneConfig):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             return ResNetModel(config.resnet_config())
-    path = Path(config.path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"backbone.path {path}: not a Hugging Face ResNet directory (no config.json); expected "
-                          "the microsoft/resnet-50 layout (config.json + model.safetensors)")
-    with _quiet_transformers():
-        model, info = ResNetModel.from_pretrained(str(path), output_loading_info=True)
-    missing = sorted(info.get("missing_keys", []))
-    mismatched = list(info.get("mismatched_keys", []))
-    if missing or mismatched:
-        raise ConfigError(f"backbone.path {path}: weights missing for {missing[:8]}"
-                          f"{' ...' if len(missing) > 8 else ''} ({len(missing)} keys); "
-                          f"shape mismatches: {mismatched[:4]}")
-    unexpected = sorted(info.get("unexpected_keys", []))
-    if unexpected:
-        logger.info("ResNet directory %s: %d weights not used (e.g. %s)", path, len(unexpected), unexpected[0])
+    model = load_hf_strict(ResNetModel, config.path, "ResNet",
+                           "the microsoft/resnet-50 layout (config.json + model.safetensors)")
     config.adopt_geometry(model.config)
     return model
 
