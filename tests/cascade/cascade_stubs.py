@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers.folders import checkerboard_image as pattern_image
 from PIL import Image
 
 from unigendet.cascade.verifiers import Verification
@@ -57,16 +58,6 @@ class CountingVerifier:
 
     def describe(self):
         return {"kind": "counting_verifier"}
-
-
-def pattern_image(rng, fake: bool, size: int = 32) -> Image.Image:
-    """A smooth colour field; fakes add a period-2 checkerboard (a strong high-frequency spectral peak)."""
-    small = rng.normal(0.5, 0.15, (4, 4, 3)).clip(0, 1)
-    field = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), float)
-    if fake:
-        yy, xx = np.mgrid[0:size, 0:size]
-        field = field + 25.0 * np.where((yy + xx) % 2 == 0, 1.0, -1.0)[..., None]
-    return Image.fromarray(field.clip(0, 255).astype(np.uint8))
 
 
 def genimage_tree(root, generators=("ADM", "Midjourney"), per_class=3, seed=0, split="val"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import REPO
+from helpers.folders import write_genimage
 from PIL import Image
 
 from unigendet.cli import main
@@ -39,15 +40,7 @@ def _image(rng: np.random.Generator, fake: bool, size: int = 32) -> Image.Image:
 @pytest.fixture(scope="module")
 def genimage(tmp_path_factory) -> Path:
     """``<root>/toygen/{train,val}/{ai,nature}/*.png``: 8 + 8 training images, 3 + 3 validation images."""
-    root = tmp_path_factory.mktemp("genimage")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 3)):
-        for folder, fake in (("ai", True), ("nature", False)):
-            directory = root / "toygen" / split / folder
-            directory.mkdir(parents=True)
-            for i in range(count):
-                _image(rng, fake).save(directory / f"{i:03d}.png")
-    return root
+    return write_genimage(tmp_path_factory.mktemp("genimage"), _image, {"train": 8, "val": 3})
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers.folders import checkerboard_image
 from PIL import Image
 
 pytest.importorskip("sklearn")
@@ -33,16 +34,6 @@ HEADER = ("| detector | kind | Acc | real Acc | fake Acc | AP | AUC | text Acc |
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _image(rng, fake: bool, size: int = 32) -> Image.Image:
-    """A smooth colour field; fakes add a period-2 checkerboard (a spectral peak the spectral detector finds)."""
-    small = rng.normal(0.5, 0.15, (4, 4, 3)).clip(0, 1)
-    field = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), float)
-    if fake:
-        yy, xx = np.mgrid[0:size, 0:size]
-        field = field + 25.0 * np.where((yy + xx) % 2 == 0, 1.0, -1.0)[..., None]
-    return Image.fromarray(field.clip(0, 255).astype(np.uint8))
-
-
 def genimage(root, generators=("ADM", "Midjourney"), per_class=3, seed=0):
     rng = np.random.default_rng(seed)
     for gen in generators:
@@ -50,7 +41,7 @@ def genimage(root, generators=("ADM", "Midjourney"), per_class=3, seed=0):
             for i in range(per_class):
                 path = root / gen / "val" / cls / f"{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _image(rng, cls == "ai").save(path)
+                checkerboard_image(rng, cls == "ai").save(path)
     return root
 
 
@@ -62,7 +53,7 @@ def detector_dirs(tmp_path_factory):
     spectral = build_detector("spectral", str(recipe_path("detectors/spectral_tiny.yaml")))
     rng = np.random.default_rng(123)
     labels = [i % 2 for i in range(24)]
-    spectral.fit([_image(rng, bool(y)) for y in labels], labels, steps=100)
+    spectral.fit([checkerboard_image(rng, bool(y)) for y in labels], labels, steps=100)
     spectral.save_pretrained(base / "spectral")
     return {"ltd": base / "ltd", "spectral": base / "spectral"}
 

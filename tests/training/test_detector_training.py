@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import REPO
+from helpers.folders import write_genimage
 from PIL import Image
 
 from unigendet.cli import main
@@ -65,15 +66,7 @@ def _image(rng: np.random.Generator, fake: bool, size: int = 36) -> Image.Image:
 @pytest.fixture(scope="module")
 def genimage(tmp_path_factory) -> Path:
     """``<root>/toygen/{train,val}/{ai,nature}/*.png``: 16 real and 16 fake training images, 4 + 4 for val."""
-    root = tmp_path_factory.mktemp("genimage")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 16), ("val", 4)):
-        for folder, fake in (("ai", True), ("nature", False)):
-            directory = root / "toygen" / split / folder
-            directory.mkdir(parents=True)
-            for i in range(count):
-                _image(rng, fake).save(directory / f"{i:03d}.png")
-    return root
+    return write_genimage(tmp_path_factory.mktemp("genimage"), _image, {"train": 16, "val": 4})
 
 
 def _common(genimage: Path, ckpt: Path) -> list[str]:
