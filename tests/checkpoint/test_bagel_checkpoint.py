@@ -27,6 +27,7 @@ from unigendet.checkpoint.bagel import (
     read_safetensors_weights,
     vit_config_from_json,
 )
+from unigendet.checkpoint.export import save_model_directory
 from unigendet.config.loader import ConfigError, to_dict
 from unigendet.data.tokenizer import build_tiny_tokenizer
 from unigendet.models.bridges import sincos_2d_table
@@ -433,3 +434,32 @@ def test_detect_and_generate_cli_read_a_bagel_directory(template, tmp_path, caps
     assert main(["generate", "a photo of a cat", *args, "--out", str(tmp_path / "gen"), "--steps", "3",
                  "--size", "32"]) == 0
     assert Image.open(next((tmp_path / "gen").glob("*.png"))).size == (32, 32)
+
+
+@pytest.mark.parametrize("kind", ["bagel", "unigendet"])
+def test_a_bf16_run_loads_its_checkpoint_straight_into_bf16_with_the_values_of_a_cast(template, tmp_path, kind):
+    """The trainer builds a checkpoint-initialised model in its training dtype: bit for bit what casting the float32
+    build gives (fresh heads included), at half the parameter memory and with no float32 copy kept."""
+    from unigendet.training.builders import InitConfig, build_model_and_vae
+
+    if kind == "bagel":  # plain BAGEL: the detection head is fresh, drawn from the global RNG
+        path = make_dir(template, tmp_path / "BAGEL", bagel_state(fake_cls_head=False, latent_to_vit=False))
+    else:
+        path = tmp_path / "export"
+        torch.manual_seed(5)
+        model = UniGenDet(CFG)
+        save_model_directory(path, model, model.state_dict(), FluxVAE(CFG.vae),
+                             build_tiny_tokenizer(CORPUS, vocab_size=CFG.llm.vocab_size))
+    init = InitConfig(kind=kind, path=str(path), tokenizer=str(path))
+    built = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        if kind == "bagel":  # what build_model_and_vae calls, with the tiny VAE geometry BAGEL's files do not state
+            built[dtype] = load_bagel_checkpoint(path, detection_head=True, dtype=dtype, **TINY)[0]
+        else:
+            built[dtype] = build_model_and_vae(init, CFG, dtype)[0]
+    full, half = (dict(built[d].named_parameters()) for d in (torch.float32, torch.bfloat16))
+    assert full.keys() == half.keys() and all(p.dtype == torch.bfloat16 for p in half.values())
+    assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full), kind
+    nbytes = {d: sum(p.numel() * p.element_size() for p in m.parameters()) for d, m in built.items()}
+    assert nbytes[torch.bfloat16] * 2 == nbytes[torch.float32]

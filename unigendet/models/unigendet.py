@@ -155,9 +155,11 @@ class UniGenDet(nn.Module):
             # assign=True replaces the Parameter objects, which unties lm_head from the embedding.
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
         for name in fresh:
+            # Initialised in float32 and then cast, so a fresh head holds the same values whatever ``dtype``.
             module = self.get_submodule(name)
             module.to_empty(device=device)
-            _generic_init(module.to(dtype))
+            _generic_init(module.to(torch.float32))
+            module.to(dtype)
         left = [name for name, param in self.named_parameters() if param.is_meta]
         if left:
             raise ValueError(f"{len(left)} parameter(s) got no weights: {', '.join(left[:8])}")

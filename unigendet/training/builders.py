@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from unigendet.config.loader import ConfigError, to_dict
 from unigendet.data.fakeclue import conversation_texts
 from unigendet.data.pipeline import SourceConfig
@@ -83,16 +85,22 @@ def _check_same_geometry(expected, found, where: str) -> None:
         raise ConfigError(f"model geometry in the config disagrees with {where}: " + "; ".join(diffs))
 
 
-def build_model_and_vae(init: InitConfig, model: ModelConfig) -> tuple[UniGenDet, FluxVAE]:
-    """The model and VAE ``init`` names; ``init.vae`` then replaces the VAE's weights."""
-    built, vae = _build_model_and_vae(init, model)
+def build_model_and_vae(init: InitConfig, model: ModelConfig, dtype: torch.dtype | None = None
+                        ) -> tuple[UniGenDet, FluxVAE]:
+    """The model and VAE ``init`` names; ``init.vae`` then replaces the VAE's weights.
+
+    ``dtype``: the precision the run trains in. A checkpoint (``bagel``, ``unigendet``) is then loaded straight into
+    it, so a bf16 run never holds a float32 copy of a 7B model on the host (about 54 GiB per rank); the values are
+    the ones the engine's cast of a float32 model would give. A random init is drawn in float32 whatever ``dtype``
+    (the engine casts it), so the same seed gives the same model in every precision."""
+    built, vae = _build_model_and_vae(init, model, dtype or torch.float32)
     if init.vae is not None:
         vae = FluxVAE.from_file(init.vae, vae.cfg)
         logger.info("VAE weights from %s", init.vae)
     return built, vae
 
 
-def _build_model_and_vae(init: InitConfig, model: ModelConfig) -> tuple[UniGenDet, FluxVAE]:
+def _build_model_and_vae(init: InitConfig, model: ModelConfig, dtype: torch.dtype) -> tuple[UniGenDet, FluxVAE]:
     if init.kind == "random":
         return UniGenDet(model), FluxVAE(model.vae)
     if init.kind == "bagel":
@@ -102,12 +110,12 @@ def _build_model_and_vae(init: InitConfig, model: ModelConfig) -> tuple[UniGenDe
                                                detection_head=model.detection_head,
                                                detection_loss=model.detection_loss,
                                                diga_projector=model.diga_projector,
-                                               max_latent_size=model.max_latent_size)
+                                               max_latent_size=model.max_latent_size, dtype=dtype)
         _check_same_geometry(model, loaded.config, init.path)
         return loaded.train(), vae
     from unigendet.checkpoint.export import load_model_directory
 
-    loaded, vae, _ = load_model_directory(init.path, attn_backend=model.attn_backend,
+    loaded, vae, _ = load_model_directory(init.path, dtype=dtype, attn_backend=model.attn_backend,
                                           diga_projector=model.diga_projector,
                                           diga_projector_mult=model.diga_projector_mult)
     _check_same_geometry(model, loaded.config, init.path)

@@ -130,7 +130,8 @@ class Trainer:
     def _build_model_and_objective(self) -> None:
         cfg = self.cfg
         self.tokenizer, self.special = build_tokenizer(cfg.init, cfg.model.llm.vocab_size, cfg.data.sources)
-        self.model, self.vae = build_model_and_vae(cfg.init, cfg.model)
+        self.model, self.vae = build_model_and_vae(cfg.init, cfg.model,
+                                                   torch.bfloat16 if self.bf16 else torch.float32)
         # The objective comes first: DIGA copies its teacher from the stage-1 weights, before anything
         # is frozen or adapted.
         self.objective = build_objective(cfg.stage, cfg.stage_config, cfg.model, self.model, self.vae)
