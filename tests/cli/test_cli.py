@@ -110,7 +110,7 @@ def test_print_config_of_an_incomplete_config_shows_every_key_and_what_is_missin
     out, err = capsys.readouterr()
     printed = yaml.safe_load(out)
     assert printed["fakeclue"]["json_path"] is None and printed["fakeclue"]["batch_size"] == 8
-    assert printed["decoding"]["do_sample"] is False and printed["model"]["dtype"] == "fp32"
+    assert printed["decoding"]["do_sample"] is False and printed["model"]["dtype"] == "auto"
     assert "model.path (--model)" in err and "fakeclue.json_path (--json-path)" in err
 
 

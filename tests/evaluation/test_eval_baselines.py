@@ -141,3 +141,14 @@ def test_detect_with_a_baseline_prints_p_fake_and_verdict_only(ltd_dir, tmp_path
     assert main(["detect", *images, "--detector", "ltd", "--model", str(ltd_dir), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0] == f"{images[0]}\t{records[0]['label']}\tp_fake={records[0]['p_fake']:.4f}"
+
+
+def test_baselines_take_the_auto_dtype_and_refuse_quantization():
+    from unigendet.config.loader import ConfigError, from_dict
+    from unigendet.evaluation.detectors import DetectorSource
+
+    assert from_dict(DetectorSource, {"path": "x", "detector": "ltd"}).dtype == "auto"  # fp32 for a baseline
+    with pytest.raises(ConfigError, match="dtype: baseline detectors run in fp32; 'bf16'"):
+        from_dict(DetectorSource, {"path": "x", "detector": "ltd", "dtype": "bf16"})
+    with pytest.raises(ConfigError, match="quantize: '8bit' applies to unigendet only"):
+        DetectorSource(path="x", detector="ltd", quantize="8bit").validate()

@@ -172,6 +172,8 @@ class DetectorSource(ModelSource):
         return self.detector == UNIGENDET
 
     def validate(self) -> None:
+        if self.quantize != "none" and not self.is_unigendet:  # before the parent asks for bitsandbytes
+            raise ConfigError(f"quantize: {self.quantize!r} applies to unigendet only, not {self.detector!r}")
         super().validate()
         if self.detector not in detector_names():
             raise ConfigError(f"detector: unknown detector {self.detector!r}; known: {', '.join(detector_names())}")
@@ -183,7 +185,7 @@ class DetectorSource(ModelSource):
             raise ConfigError(f"bagel and weights apply to detector unigendet only, not {self.detector!r}")
         if self.detector == CASCADE and self.backbone_path is not None:
             raise ConfigError("backbone_path: a cascade names its stages' directories in its cascade.json")
-        if self.dtype != "fp32":
+        if self.dtype not in ("fp32", "auto"):
             raise ConfigError(f"dtype: baseline detectors run in fp32; {self.dtype!r} applies to unigendet only")
 
     def check_inputs(self, key: str = "model") -> None:

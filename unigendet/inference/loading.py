@@ -59,7 +59,7 @@ def load_for_inference(
     bagel: bool = False,
     weights: str | Path | None = None,
     device: str | None = None,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     overrides: dict | None = None,
     quantize: str = "none",
 ):
@@ -129,7 +129,7 @@ def build_detector(
     bagel: bool = False,
     weights: str | Path | None = None,
     device: str | None = None,
-    dtype: str = "fp32",
+    dtype: str = "auto",
     overrides: dict | None = None,
     *,
     smsa: bool | None = None,
@@ -147,7 +147,7 @@ def build_detector(
 
 
 def build_generator(model_dir: str | Path, bagel: bool = False, weights: str | Path | None = None,
-                    device: str | None = None, dtype: str = "fp32", overrides: dict | None = None,
+                    device: str | None = None, dtype: str = "auto", overrides: dict | None = None,
                     quantize: str = "none") -> Generator:
     """A :class:`~unigendet.inference.generate.Generator` over a loaded model."""
     return Generator(*load_for_inference(model_dir, bagel, weights, device, dtype, overrides, quantize))
@@ -168,7 +168,7 @@ class ModelSource:
     bagel: bool = False
     weights: str | None = None  # with bagel: a fine-tuned weights file overriding the directory's
     device: str | None = None  # default: cuda if available, else cpu
-    dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto: bf16 on CUDA, fp32 on CPU
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # 8bit / 4bit: the decoder projections through bitsandbytes (optional package, CUDA only)
     quantize: Literal["none", "8bit", "4bit"] = "none"
 
