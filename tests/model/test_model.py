@@ -1,6 +1,8 @@
 """The tiny UniGenDet model on mixed packs: losses, gradient routing, freezing, isolation of
 samples, backend agreement and save/load."""
 
+import functools
+
 import pytest
 import torch
 from helpers import builder, det_sample, t2i_sample, tiny_config
@@ -165,19 +167,54 @@ def test_varlen_decomposition_gives_the_same_outputs(cfg, mixed_samples):
     torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
 
 
-def test_activation_checkpointing_same_loss_and_grads(cfg, mixed_samples):
+@pytest.mark.parametrize("granularity", ["layer", "sublayer"])
+def test_activation_checkpointing_same_loss_and_grads(cfg, mixed_samples, granularity):
     vae = _vae(cfg)
     batch = builder(cfg).build(mixed_samples)
     results = []
     for ckpt in (False, True):
         model = _model(cfg)
-        model.set_activation_checkpointing(ckpt)
+        model.set_activation_checkpointing(ckpt, granularity)
         loss, _ = _objective(cfg, vae)(model, batch, torch.Generator().manual_seed(0))
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(results[0][0], results[1][0])
+    assert len(results[0][1]) == len(results[1][1])
     for g0, g1 in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+
+
+def test_a_layer_is_its_attention_half_then_its_mlp_half(cfg, mixed_samples):
+    """The halves that sub-layer checkpointing recomputes compose to the layer, and each half keeps only its
+    input under checkpointing (twice per layer what whole-layer checkpointing keeps)."""
+    from unigendet.models.mot import Routing
+    from unigendet.profiling.memory import _SavedTensorMeter
+
+    model = _model(cfg).eval()
+    batch = builder(cfg).build(mixed_samples)
+    decoder = model.language_model.model
+    hidden = torch.randn(batch.sequence_length, cfg.llm.hidden_size)
+    routing = Routing.from_gen_index(batch.sequence_length, batch.vae_token_indexes, hidden.device)
+    prepared = model.attention.prepare(batch.layout, hidden.device)
+    cos, sin = decoder.rotary_emb(hidden, batch.position_ids[None])
+    layer = decoder.layers[0]
+    attend = functools.partial(layer.self_attn.attention, prepared=prepared)
+    with torch.no_grad():
+        whole = layer(hidden, routing, cos[0], sin[0], attend)
+        halves = layer.mlp_block(layer.attention_block(hidden, routing, cos[0], sin[0], attend), routing)
+    torch.testing.assert_close(whole, halves, atol=1e-6, rtol=1e-6)
+    kept = {}
+    lat = _latents(cfg, _vae(cfg), batch)
+    for granularity in ("layer", "sublayer"):
+        model.train().set_activation_checkpointing(True, granularity)
+        meter = _SavedTensorMeter(model)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+            model(batch, lat.tokens, lat.timesteps)
+        kept[granularity] = meter.float_elems
+    extra = (kept["sublayer"] - kept["layer"]) / (batch.sequence_length * cfg.llm.hidden_size)
+    assert extra == pytest.approx(cfg.llm.num_hidden_layers, rel=0.05)  # one more [L, D] input per layer
+    with pytest.raises(ValueError, match="granularity must be 'layer' or 'sublayer'"):
+        model.set_activation_checkpointing(True, "block")
 
 
 def test_bce_head_and_loss(gen):

@@ -174,3 +174,13 @@ def test_deepspeed_file_may_not_turn_off_the_overflow_skip(tmp_path, setting, ke
     setting["bf16"].pop("check_grad_overflow")
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, **setting}))
     assert resolve_deepspeed_config(cfg.deepspeed, cfg.optim, bf16=True)["bf16"]["check_grad_overflow"] is True
+
+
+def test_checkpoint_granularity_needs_checkpointing_and_a_packed_stage():
+    cfg = load_train_config(str(REPO / "configs/train/gduf_demo.yaml"),
+                            ["activation_checkpointing=true", "checkpoint_granularity=sublayer"])
+    assert cfg.checkpoint_granularity == "sublayer"
+    with pytest.raises(ConfigError, match="checkpoint_granularity: 'sublayer' applies only with activation_check"):
+        load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), ["checkpoint_granularity=sublayer"])
+    with pytest.raises(ConfigError, match="checkpoint_granularity"):
+        load_train_config(str(REPO / "configs/train/ltd_tiny.yaml"), ["checkpoint_granularity=sublayer"])

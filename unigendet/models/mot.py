@@ -147,6 +147,27 @@ class MoTDecoderLayer(nn.Module):
         return und + m_und
 
 
+    def attention_block(self, hidden: torch.Tensor, routing: Routing, cos, sin, attend) -> torch.Tensor:
+        """The layer's first half on its own: each expert's normed input through the shared attention, added to
+        the residual stream -> ``[L, D]``. ``mlp_block(attention_block(x))`` equals ``forward(x)``; the halves exist
+        so that activation checkpointing can recompute one half at a time (``forward`` stays one piece, without
+        the extra merge and split between the halves)."""
+        und, gen = routing.split(hidden)
+        a_und = self.input_layernorm(und)
+        a_gen = self._gen("input_layernorm", self.norm_suffix)(gen) if routing.mixed else None
+        o_und, o_gen = self.self_attn(a_und, a_gen, routing, cos, sin, attend)
+        return routing.merge(und + o_und, gen + o_gen if routing.mixed else None)
+
+    def mlp_block(self, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The layer's second half: each expert's normed MLP added to the residual stream -> ``[L, D]``."""
+        und, gen = routing.split(hidden)
+        m_und = self.mlp(self.post_attention_layernorm(und))
+        if routing.mixed:
+            m_gen = self._gen("mlp", self.mlp_suffix)(self._gen("post_attention_layernorm", self.norm_suffix)(gen))
+            return routing.merge(und + m_und, gen + m_gen)
+        return und + m_und
+
+
 class MoTDecoder(nn.Module):
     """``embed_tokens``, decoder ``layers``, final norms (``norm`` for und, ``norm_moe_gen`` for gen)."""
 
@@ -161,6 +182,9 @@ class MoTDecoder(nn.Module):
             self.norm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(hf_config)
         self.activation_checkpointing = False
+        # "layer": recompute whole layers in backward; "sublayer": the attention and MLP halves separately (each
+        # keeps its input, twice the saved tensors, but backward recomputes only half a layer at a time).
+        self.checkpoint_granularity = "layer"
 
     def final_norm(self, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         und, gen = routing.split(hidden)
@@ -193,7 +217,12 @@ class MoTDecoder(nn.Module):
             else:
                 layer_attend = functools.partial(attend, i)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, routing, cos, sin, layer_attend, use_reentrant=False)
+                if self.checkpoint_granularity == "sublayer":
+                    hidden = checkpoint(layer.attention_block, hidden, routing, cos, sin, layer_attend,
+                                        use_reentrant=False)
+                    hidden = checkpoint(layer.mlp_block, hidden, routing, use_reentrant=False)
+                else:
+                    hidden = checkpoint(layer, hidden, routing, cos, sin, layer_attend, use_reentrant=False)
             else:
                 hidden = layer(hidden, routing, cos, sin, layer_attend)
             if capture_layer is not None and i + 1 == capture_layer:

@@ -171,8 +171,13 @@ class UniGenDet(nn.Module):
             if GEN_SUFFIX in name:
                 param.copy_(params[name.replace(GEN_SUFFIX, "")])
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
+    def set_activation_checkpointing(self, enabled: bool, granularity: str = "layer") -> None:
+        """Recompute activations in backward instead of keeping them: decoder ``layer``s whole, or their attention
+        and MLP halves (``sublayer``: a lower backward peak, for longer packs); the ViT per layer either way."""
+        if granularity not in ("layer", "sublayer"):
+            raise ValueError(f"granularity must be 'layer' or 'sublayer', got {granularity!r}")
         self.language_model.model.activation_checkpointing = enabled
+        self.language_model.model.checkpoint_granularity = granularity
         if self.config.visual_und:
             self.vit_model.set_activation_checkpointing(enabled)
 

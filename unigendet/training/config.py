@@ -47,8 +47,8 @@ logger = logging.getLogger(__name__)
 STAGES = ("gduf", "diga")
 # The sections only some stages read; a stage that does not read one refuses a setting in it.
 STAGE_SECTIONS = {
-    "gduf": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "gduf"),
-    "diga": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "diga"),
+    "gduf": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "checkpoint_granularity", "gduf"),
+    "diga": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "checkpoint_granularity", "diga"),
     "detector": ("detector", "images"),
 }
 
@@ -77,6 +77,9 @@ class TrainConfig:
     total_steps: int = 1000
     seed: int = 4396
     activation_checkpointing: bool = False
+    # With activation_checkpointing: recompute whole decoder layers ("layer") or their attention and MLP halves
+    # ("sublayer": twice the kept layer inputs, half the recomputation peak; longer packs fit).
+    checkpoint_granularity: Literal["layer", "sublayer"] = "layer"
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     @property
@@ -103,6 +106,9 @@ class TrainConfig:
             self._check_detector_engine()
             return
         self._check_model_serves_data()
+        if self.checkpoint_granularity != "layer" and not self.activation_checkpointing:
+            raise ConfigError(f"checkpoint_granularity: {self.checkpoint_granularity!r} applies only with "
+                              "activation_checkpointing: true")
         if self.model.attn_backend == "flex" and self.device == "cpu":
             raise ConfigError("model.attn_backend 'flex' cannot train on CPU (no backward); use 'sdpa'")
         if self.stage == "diga":

@@ -138,7 +138,7 @@ class Trainer:
         apply_freeze(self.model, cfg.freeze)
         if cfg.lora.enabled:
             self.model = apply_lora(self.model, cfg.lora)
-        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing, cfg.checkpoint_granularity)
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.vae.to(self.device, dtype=dtype)
         self.objective.to(self.device, dtype)
