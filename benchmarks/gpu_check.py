@@ -2,7 +2,7 @@
 training-step benchmark on a 4-layer slice of BAGEL-7B. Prints one summary table.
 
     python benchmarks/gpu_check.py --json gpu_check.json             # one CUDA GPU, well under 8 minutes
-    python benchmarks/gpu_check.py --dry-run --json /tmp/dry.json    # the same code paths on CPU, tiny, fp32
+    python benchmarks/gpu_check.py --dry-run --json gpu_check_dry.json    # the same code paths on CPU, tiny, fp32
 
 The dry run (seconds, for CI) uses the tiny geometry, fp32 candidates against an fp64 reference, bf16
 for the precision check, and skips flash and flex, which need CUDA. Without ``--dry-run`` and without a
