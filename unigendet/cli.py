@@ -59,7 +59,11 @@ def model_flags(*device_keys: str) -> tuple[Flag, ...]:
             switch("--bagel", "model.bagel", help="--model is a BAGEL-7B-MoT / UniGenDet directory"),
             opt("--weights", "model.weights", help="with --bagel: fine-tuned weights over the directory's"),
             opt("--device", "model.device", *device_keys), opt("--dtype", "model.dtype", help="fp32, bf16, fp16 or auto"),
-            opt("--quantize", "model.quantize", help="8bit or 4bit decoder weights (bitsandbytes, CUDA only)"))
+            opt("--quantize", "model.quantize", help="8bit or 4bit decoder weights (bitsandbytes, CUDA only)"),
+            opt("--device-map", "model.device_map", help="split the model over devices: auto (every visible GPU, "
+                "balanced by bytes) or layer ranges such as 0:0-13,1:14-27"),
+            opt("--max-memory", "model.max_memory", help="with --device-map auto: weight bytes per device, "
+                "e.g. 0:20GiB,1:40GiB"))
 
 
 def detector_choice_flags(at: str = "model") -> tuple[Flag, ...]:

@@ -174,6 +174,8 @@ class DetectorSource(ModelSource):
     def validate(self) -> None:
         if self.quantize != "none" and not self.is_unigendet:  # before the parent asks for bitsandbytes
             raise ConfigError(f"quantize: {self.quantize!r} applies to unigendet only, not {self.detector!r}")
+        if self.device_map is not None and not self.is_unigendet:
+            raise ConfigError(f"device_map applies to unigendet only, not {self.detector!r}")
         super().validate()
         if self.detector not in detector_names():
             raise ConfigError(f"detector: unknown detector {self.detector!r}; known: {', '.join(detector_names())}")

@@ -57,13 +57,19 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         capacity: int = 0,
+        layer_devices: Sequence[torch.device | str] | None = None,
     ) -> KVCache:
-        """``batch_size`` empty sequences (length 0, next RoPE id 0)."""
+        """``batch_size`` empty sequences (length 0, next RoPE id 0). ``layer_devices`` (one per layer, for a model
+        split over devices) puts each layer's keys and values on its layer's device instead of ``device``."""
         if batch_size < 1:
             raise ValueError("a cache needs at least one sequence")
+        if layer_devices is None:
+            layer_devices = [device] * num_layers
+        if len(layer_devices) != num_layers:
+            raise ValueError(f"{len(layer_devices)} layer devices for {num_layers} layers")
         shape = (batch_size, num_kv_heads, capacity, head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        keys = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        values = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
         zeros = torch.zeros(batch_size, dtype=torch.long)
         return cls(keys, values, zeros, zeros.clone())
 
@@ -86,6 +92,7 @@ class KVCache:
 
     @property
     def device(self) -> torch.device:
+        """The device of the first layer's entries (a split model's cache has each layer's on its layer's device)."""
         return self.keys[0].device
 
     def __len__(self) -> int:
@@ -137,9 +144,8 @@ class KVCache:
             raise ValueError("select needs at least one sequence")
         lengths = self.lengths[idx]
         keep = int(lengths.max())
-        dev_idx = idx.to(self.device)
-        keys = [k[dev_idx, :, :keep].clone() for k in self.keys]
-        values = [v[dev_idx, :, :keep].clone() for v in self.values]
+        keys = [k[idx.to(k.device), :, :keep].clone() for k in self.keys]
+        values = [v[idx.to(v.device), :, :keep].clone() for v in self.values]
         return KVCache(keys, values, lengths.clone(), self.rope[idx].clone())
 
     @classmethod

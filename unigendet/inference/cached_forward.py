@@ -25,6 +25,10 @@ visible, which is the bottom-right-aligned causal rule of the reference's flash-
 
 Attention runs as one SDPA call per layer over the padded batch ``[B, heads, n_max, T]`` with a
 boolean mask (dropped when it is all true), keys read in place from the cache.
+
+A model split over several devices (:mod:`unigendet.inference.device_map`) runs the same way: blocks are
+embedded on the input device, each layer's KV cache lives on that layer's device, the attention plan's index
+tensors and mask are copied once per device and forward, and the heads return their outputs on the input device.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ class CachedForward:
     def new_cache(self, batch_size: int, capacity: int = 0) -> KVCache:
         llm = self.config.llm
         return KVCache.empty(llm.num_hidden_layers, batch_size, llm.num_key_value_heads, llm.head_dim,
-                             self.dtype, self.device, capacity)
+                             self.dtype, self.device, capacity, self.model.language_model.model.layer_devices)
 
     # ------------------------------------------------------------------ blocks
     def pack(self, plans: list[list[PlanItem]]) -> PackedBatch:
@@ -150,7 +154,8 @@ class CachedForward:
     # ------------------------------------------------------------------ the cached forward
     @torch.no_grad()
     def forward(self, cache: KVCache, block: Block, commit: bool) -> torch.Tensor:
-        """Run ``block`` against ``cache``; returns the final-normed states ``[N, D]``.
+        """Run ``block`` against ``cache``; returns the final-normed states ``[N, D]`` (on the device of the final
+        norms: the last device of a split model; the head methods below accept them there).
 
         ``commit=True`` adds the block to the context (lengths grow, RoPE moves past the block's
         largest id); ``commit=False`` leaves the cache's context unchanged (image being denoised)."""
@@ -176,18 +181,23 @@ class CachedForward:
         return hidden
 
     # ------------------------------------------------------------------ heads
+    # Each head takes ``hidden`` to its own device and returns on the input device (``self.device``), where the
+    # callers keep their tensors; on a model on one device both moves are no-ops.
+    def _head(self, head, hidden: torch.Tensor) -> torch.Tensor:
+        return head(hidden.to(next(head.parameters()).device)).to(self.device)
+
     @torch.no_grad()
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.language_model.lm_head(hidden)
+        return self._head(self.model.language_model.lm_head, hidden)
 
     @torch.no_grad()
     def detection_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.detection_head(hidden)
+        return self._head(self.model.detection_head, hidden)
 
     @torch.no_grad()
     def velocity(self, hidden: torch.Tensor, block: Block) -> torch.Tensor:
         """``llm2vae`` at the block's latent tokens (packed order) -> ``[M, patch_latent_dim]``."""
-        return self.model.llm2vae(hidden[block.gen_index])
+        return self._head(self.model.llm2vae, hidden[block.gen_index.to(hidden.device)])
 
     @staticmethod
     def last_token_index(block: Block) -> torch.Tensor:
@@ -207,6 +217,8 @@ class _AttentionPlan:
     n_max: int
     total: int  # key slots read: max(lengths[b] + block length[b])
     mask: torch.Tensor | None  # Bool [B, 1, n_max, total], None when everything is visible
+    # Copies of the index tensors and the mask on the other devices of a split model, made at first use.
+    copies: dict[torch.device, _AttentionPlan] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, cache: KVCache, block: Block, device: torch.device) -> _AttentionPlan:
@@ -239,8 +251,21 @@ class _AttentionPlan:
         write_pos = past[seq_ids] + offsets
         return cls(seq_ids, offsets, write_pos, b, n_max, total, mask)
 
+    def on(self, device: torch.device) -> _AttentionPlan:
+        """This plan with its tensors on ``device`` (itself when they are there already)."""
+        if self.seq_ids.device == device:
+            return self
+        if device not in self.copies:
+            mask = None if self.mask is None else self.mask.to(device)
+            self.copies[device] = _AttentionPlan(self.seq_ids.to(device), self.offsets.to(device),
+                                                 self.write_pos.to(device), self.batch, self.n_max, self.total, mask)
+        return self.copies[device]
+
     def attend(self, cache: KVCache, layer: int, q, k, v, scale) -> torch.Tensor:
-        """q ``[N, H, D]``, k/v ``[N, H_kv, D]`` of the block -> attention output ``[N, H, D]``."""
+        """q ``[N, H, D]``, k/v ``[N, H_kv, D]`` of the block -> attention output ``[N, H, D]``, computed on the
+        device of ``q`` (the layer's) with the index tensors and mask copied there once per device."""
+        if q.device != self.seq_ids.device:
+            return self.on(q.device).attend(cache, layer, q, k, v, scale)
         cache.write(layer, self.seq_ids, self.write_pos, k, v)
         heads, dim = q.shape[1], q.shape[2]
         qp = q.new_zeros((self.batch, self.n_max, heads, dim))

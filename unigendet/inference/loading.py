@@ -19,6 +19,7 @@ import torch
 
 from unigendet.config.loader import ConfigError
 from unigendet.inference.detect import RUN_CONFIG_NAME, DetectorPreprocessing, Posterior, UniGenDetDetector
+from unigendet.inference.device_map import check_device_map, dispatch, input_device
 from unigendet.inference.generate import Generator
 from unigendet.utils.hub import looks_like_hub_id, resolve_model_dir
 
@@ -62,6 +63,9 @@ def load_for_inference(
     dtype: str = "auto",
     overrides: dict | None = None,
     quantize: str = "none",
+    *,
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ):
     """(model in eval mode, vae, tokenizer) on ``device`` with parameters in ``dtype``.
 
@@ -71,8 +75,19 @@ def load_for_inference(
     ``overrides`` replace model-config fields that do not change the weights (for BAGEL directories
     e.g. the VAE geometry, which BAGEL hard-codes to FLUX's). ``quantize`` (``8bit`` / ``4bit``, CUDA and the
     optional bitsandbytes package) loads on the CPU and quantizes the decoder projections on their way to the
-    GPU (:mod:`unigendet.inference.quantize`)."""
-    target = resolve_device(device)
+    GPU (:mod:`unigendet.inference.quantize`). ``device_map`` (``auto``, ``balanced`` or layer ranges such as
+    ``"0:0-13,1:14-27"``, with ``max_memory`` caps for the balanced forms) loads on the CPU and splits the model over
+    several devices (:mod:`unigendet.inference.device_map`); ``dtype`` auto then follows the map's input device."""
+    if device_map is not None:
+        if quantize != "none":
+            raise ConfigError("device_map: cannot be combined with quantize (8-/4-bit loading places the model on "
+                              "one GPU)")
+        check_device_map(device_map, max_memory, device)
+        target = input_device(device_map)
+    elif max_memory is not None:
+        raise ConfigError("max_memory applies with device_map auto/balanced only")
+    else:
+        target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     if quantize != "none":
         from unigendet.inference.quantize import QUANT_MODES, import_bitsandbytes
@@ -84,7 +99,8 @@ def load_for_inference(
             raise ValueError(f"quantize={quantize} runs on CUDA only (bitsandbytes kernels); the device is {target}")
         if torch_dtype == torch.float32:
             torch_dtype = torch.bfloat16  # the unquantized rest and the 4-bit compute dtype
-    load_device = torch.device("cpu") if quantize != "none" else target
+    # Quantized and split models are assembled from a CPU copy, so the full model never occupies one GPU.
+    load_device = torch.device("cpu") if quantize != "none" or device_map is not None else target
     model_dir = resolve_model_dir(model_dir)
     if bagel:
         from unigendet.checkpoint.bagel import load_bagel_checkpoint
@@ -103,6 +119,9 @@ def load_for_inference(
         from unigendet.inference.quantize import quantize_decoder
 
         quantize_decoder(model, quantize, target, compute_dtype=torch_dtype)
+    if device_map is not None:
+        dispatch(model, vae, device_map, max_memory)  # the VAE goes with the input modules
+        return model.eval(), vae, tokenizer
     return model.eval(), vae.to(target), tokenizer
 
 
@@ -136,21 +155,27 @@ def build_detector(
     posterior: Posterior | None = None,
     pre_resize_vae: bool | None = None,
     quantize: str = "none",
+    device_map: str | None = None,
+    max_memory: str | None = None,
 ) -> UniGenDetDetector:
     """A :class:`~unigendet.inference.detect.UniGenDetDetector` over a loaded model, seeing images as the
     run that produced it did (:func:`detector_preprocessing`; ``smsa``, ``posterior`` and
-    ``pre_resize_vae`` override when given)."""
+    ``pre_resize_vae`` override when given). ``device_map="auto"`` splits the model over the visible GPUs."""
     model_dir = resolve_model_dir(model_dir)
-    model, vae, tokenizer = load_for_inference(model_dir, bagel, weights, device, dtype, overrides, quantize)
+    model, vae, tokenizer = load_for_inference(model_dir, bagel, weights, device, dtype, overrides, quantize,
+                                               device_map=device_map, max_memory=max_memory)
     preprocessing = detector_preprocessing(model_dir, bagel, smsa, posterior, pre_resize_vae)
     return UniGenDetDetector(model, vae, tokenizer, preprocessing)
 
 
 def build_generator(model_dir: str | Path, bagel: bool = False, weights: str | Path | None = None,
                     device: str | None = None, dtype: str = "auto", overrides: dict | None = None,
-                    quantize: str = "none") -> Generator:
-    """A :class:`~unigendet.inference.generate.Generator` over a loaded model."""
-    return Generator(*load_for_inference(model_dir, bagel, weights, device, dtype, overrides, quantize))
+                    quantize: str = "none", *, device_map: str | None = None,
+                    max_memory: str | None = None) -> Generator:
+    """A :class:`~unigendet.inference.generate.Generator` over a loaded model (``device_map``: see
+    :func:`load_for_inference`)."""
+    return Generator(*load_for_inference(model_dir, bagel, weights, device, dtype, overrides, quantize,
+                                         device_map=device_map, max_memory=max_memory))
 
 
 def require_paths(paths: dict[str, str | None]) -> None:
@@ -171,10 +196,20 @@ class ModelSource:
     dtype: Literal["fp32", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # 8bit / 4bit: the decoder projections through bitsandbytes (optional package, CUDA only)
     quantize: Literal["none", "8bit", "4bit"] = "none"
+    # Split over several devices: auto / balanced (every visible GPU, by bytes) or layer ranges "0:0-13,1:14-27"
+    device_map: str | None = None
+    max_memory: str | None = None  # with device_map auto/balanced: weight bytes per device, "0:20GiB,1:40GiB"
 
     def validate(self) -> None:
         if self.weights is not None and not self.bagel:
             raise ConfigError("weights overrides only apply to BAGEL/UniGenDet directories (bagel: true)")
+        if self.device_map is not None:
+            if self.quantize != "none":
+                raise ConfigError(f"device_map: cannot be combined with quantize: {self.quantize} (8-/4-bit loading "
+                                  "places the model on one GPU)")
+            check_device_map(self.device_map, self.max_memory, self.device)
+        elif self.max_memory is not None:
+            raise ConfigError("max_memory applies with device_map auto/balanced only")
         if self.quantize != "none":
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ConfigError(f"quantize: {self.quantize} needs the optional bitsandbytes package "
@@ -189,7 +224,8 @@ class ModelSource:
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"model_dir": self.path, "bagel": self.bagel, "weights": self.weights, "device": self.device,
-                "dtype": self.dtype, "quantize": self.quantize}
+                "dtype": self.dtype, "quantize": self.quantize, "device_map": self.device_map,
+                "max_memory": self.max_memory}
 
     def load_detector(self, options: "DetectorOptions | None" = None) -> UniGenDetDetector:
         options = options or DetectorOptions()

@@ -54,6 +54,12 @@ class Routing:
             return x, None
         return x[self.und_index], x[self.gen_index]
 
+    def to(self, device: torch.device) -> "Routing":
+        """The same routing with its index tensors on ``device`` (no copy for those already there)."""
+        if not self.mixed:
+            return self
+        return Routing(self.length, self.und_index.to(device), self.gen_index.to(device))
+
     def merge(self, und: torch.Tensor, gen: torch.Tensor | None) -> torch.Tensor:
         if not self.mixed:
             return und
@@ -185,6 +191,10 @@ class MoTDecoder(nn.Module):
         # "layer": recompute whole layers in backward; "sublayer": the attention and MLP halves separately (each
         # keeps its input, twice the saved tensors, but backward recomputes only half a layer at a time).
         self.checkpoint_granularity = "layer"
+        # Set by an inference device map (``unigendet.inference.device_map``): the device of each layer. The layer
+        # loop then moves the residual stream and the per-token tensors to each layer's device, and to the final
+        # norms' device at the end; None (a model on one device) skips those moves.
+        self.layer_devices: list[torch.device] | None = None
 
     def final_norm(self, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
         und, gen = routing.split(hidden)
@@ -212,6 +222,8 @@ class MoTDecoder(nn.Module):
         captured = None
         depth = len(self.layers) if num_layers is None else num_layers
         for i, layer in enumerate(self.layers[:depth]):
+            if self.layer_devices is not None:
+                hidden, routing, cos, sin = _to_device(self.layer_devices[i], hidden, routing, cos, sin)
             if attend is None:
                 layer_attend = functools.partial(layer.self_attn.attention, prepared=prepared)
             else:
@@ -227,7 +239,14 @@ class MoTDecoder(nn.Module):
                 hidden = layer(hidden, routing, cos, sin, layer_attend)
             if capture_layer is not None and i + 1 == capture_layer:
                 captured = hidden
+        if self.layer_devices is not None:
+            hidden, routing, cos, sin = _to_device(self.norm.weight.device, hidden, routing, cos, sin)
         return self.final_norm(hidden, routing), captured
+
+
+def _to_device(device: torch.device, hidden: torch.Tensor, routing: Routing, cos: torch.Tensor, sin: torch.Tensor):
+    """What a decoder layer reads, on ``device`` (a split model's hop between devices; a no-op on one device)."""
+    return hidden.to(device), routing.to(device), cos.to(device), sin.to(device)
 
 
 class MoTLanguageModel(nn.Module):

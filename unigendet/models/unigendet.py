@@ -239,6 +239,12 @@ class UniGenDet(nn.Module):
         decoder layers; ``num_layers`` stops the decoder early (heads then read the early states);
         ``project_captured`` applies the DIGA projector to the captured states at the noised latent
         tokens (inside forward, so sharded engines gather the projector like any module)."""
+        decoder = self.language_model.model
+        if decoder.layer_devices is not None and len({*decoder.layer_devices, decoder.embed_tokens.weight.device,
+                                                      decoder.norm.weight.device}) > 1:
+            # The packed attention's prepared masks live on one device; the split path is the cached forward.
+            raise ValueError("this model is split over several devices (a device map): the packed forward needs it "
+                             "on one device; detection and generation use the cached forward, which supports the split")
         hidden = self.embed(batch, latent_tokens, latent_timesteps)
         routing = Routing.from_gen_index(batch.sequence_length, batch.vae_token_indexes, hidden.device)
         prepared = self.attention.prepare(batch.layout, hidden.device)
