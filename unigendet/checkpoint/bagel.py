@@ -562,6 +562,48 @@ def load_bagel_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------------
+# Key-by-key loading (for partitioned models)
+
+
+def locate_safetensors_keys(path: str | Path | Sequence[str | Path]) -> dict[str, Path]:
+    """Key -> the file holding it, for every tensor ``path`` designates (same resolution and shard checks as
+    ``read_safetensors_weights``), read from the file headers only."""
+
+    def keys_of(file: Path) -> dict[str, Path]:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: file for key in f.keys()}
+
+    return _collect(_resolve_weights(path), keys_of)
+
+
+def bagel_weight_plan(directory: str | Path, config: ModelConfig, weights: str | Path | Sequence[str | Path] | None
+                      = None) -> tuple[dict[str, tuple[Path, str]], list[str]]:
+    """Where each weight of the model ``config`` describes comes from, without reading the weights: our key ->
+    (file, key in that file), and the optional heads the files lack (they stay freshly initialised).
+
+    The same renames, drops, sin-cos table checks and strict key/shape check as ``load_bagel_checkpoint`` run on
+    shapes read from the file headers (only the small sin-cos tables are read, to be checked), so a loader can
+    then fill a partitioned model one tensor at a time. ``weights`` overrides base keys as it does there."""
+    from unigendet.models.unigendet import UniGenDet
+
+    located = locate_safetensors_keys(resolve_model_dir(directory))
+    if weights is not None:
+        located.update(locate_safetensors_keys(weights))
+    grids = _pos_embed_grids(config)
+    placeholders: dict[str, torch.Tensor] = {}
+    for file in dict.fromkeys(located.values()):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if located[key] == file:
+                    placeholders[key] = (f.get_tensor(key) if key in grids else
+                                         torch.empty(f.get_slice(key).get_shape(), device="meta"))
+    adapted, report = adapt_bagel_state_dict(placeholders, config)
+    fresh = _check_keys(UniGenDet.without_weights(config), adapted)
+    file_key = {ours: theirs for theirs, ours in report.renamed.items()}
+    return {key: (located[file_key.get(key, key)], file_key.get(key, key)) for key in adapted}, fresh
+
+
+# ------------------------------------------------------------------------------------------------
 # Back-export: our model -> a BAGEL / UniGenDet directory
 
 BAGEL_WEIGHTS_PREFIX = "ema"

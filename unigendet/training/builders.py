@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -45,6 +45,9 @@ class InitConfig:
     # A VAE weight file (ours, from ``FluxVAE.save``, or BFL's ``ae.safetensors``) that replaces the VAE of
     # ``kind``: the trained autoencoder of a geometry with no released weights (the demo's).
     vae: str | None = None
+    # How the model is built: ``full`` on every rank; ``partitioned`` under deepspeed.zero.Init (ZeRO-3 only), each
+    # rank holding only its partition; ``auto``: partitioned under ZeRO-3 unless DIGA needs the whole model.
+    construction: Literal["auto", "full", "partitioned"] = "auto"
 
     def validate(self) -> None:
         if self.kind != "random" and not self.path:
@@ -85,15 +88,26 @@ def _check_same_geometry(expected, found, where: str) -> None:
         raise ConfigError(f"model geometry in the config disagrees with {where}: " + "; ".join(diffs))
 
 
-def build_model_and_vae(init: InitConfig, model: ModelConfig, dtype: torch.dtype | None = None
-                        ) -> tuple[UniGenDet, FluxVAE]:
+def build_model_and_vae(init: InitConfig, model: ModelConfig, dtype: torch.dtype | None = None,
+                        zero3_config: dict[str, Any] | None = None) -> tuple[UniGenDet, FluxVAE]:
     """The model and VAE ``init`` names; ``init.vae`` then replaces the VAE's weights.
 
     ``dtype``: the precision the run trains in. A checkpoint (``bagel``, ``unigendet``) is then loaded straight into
     it, so a bf16 run never holds a float32 copy of a 7B model on the host (about 54 GiB per rank); the values are
     the ones the engine's cast of a float32 model would give. A random init is drawn in float32 whatever ``dtype``
-    (the engine casts it), so the same seed gives the same model in every precision."""
-    built, vae = _build_model_and_vae(init, model, dtype or torch.float32)
+    (the engine casts it), so the same seed gives the same model in every precision.
+
+    ``zero3_config`` (the engine's resolved ZeRO-3 DeepSpeed config) builds the model partitioned under
+    ``deepspeed.zero.Init`` instead (``unigendet.training.construction``): each rank holds only its partition,
+    already in ``dtype``, with the same values."""
+    if zero3_config is not None:
+        from unigendet.training.construction import build_partitioned
+
+        built, vae, found = build_partitioned(init, model, dtype or torch.float32, zero3_config)
+        if init.kind != "random":
+            _check_same_geometry(model, found, init.path)
+    else:
+        built, vae = _build_model_and_vae(init, model, dtype or torch.float32)
     if init.vae is not None:
         vae = FluxVAE.from_file(init.vae, vae.cfg)
         logger.info("VAE weights from %s", init.vae)
@@ -106,11 +120,12 @@ def _build_model_and_vae(init: InitConfig, model: ModelConfig, dtype: torch.dtyp
     if init.kind == "bagel":
         from unigendet.checkpoint.bagel import load_bagel_checkpoint
 
+        # A BAGEL directory has no VAE config file: its ae.safetensors is read with the run's VAE geometry.
         loaded, vae, _ = load_bagel_checkpoint(init.path, weights=init.weights, attn_backend=model.attn_backend,
                                                detection_head=model.detection_head,
                                                detection_loss=model.detection_loss,
                                                diga_projector=model.diga_projector,
-                                               max_latent_size=model.max_latent_size, dtype=dtype)
+                                               max_latent_size=model.max_latent_size, vae=model.vae, dtype=dtype)
         _check_same_geometry(model, loaded.config, init.path)
         return loaded.train(), vae
     from unigendet.checkpoint.export import load_model_directory

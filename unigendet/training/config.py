@@ -35,6 +35,7 @@ from unigendet.objectives.detector import DetectorStageConfig
 from unigendet.objectives.diga import DIGAConfig
 from unigendet.objectives.gduf import GDUFLossConfig
 from unigendet.training.builders import InitConfig
+from unigendet.training.construction import resolve_construction
 from unigendet.training.ema import EMAConfig
 from unigendet.training.freeze import FreezeConfig, LoRAConfig
 from unigendet.training.guard import GuardConfig
@@ -106,6 +107,7 @@ class TrainConfig:
             self._check_detector_engine()
             return
         self._check_model_serves_data()
+        resolve_construction(self.init.construction, self.deepspeed.zero_stage, self.stage)
         if self.checkpoint_granularity != "layer" and not self.activation_checkpointing:
             raise ConfigError(f"checkpoint_granularity: {self.checkpoint_granularity!r} applies only with "
                               "activation_checkpointing: true")

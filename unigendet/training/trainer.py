@@ -50,6 +50,7 @@ from unigendet.models.config import pack_geometry
 from unigendet.objectives.detector import DetectorBatch, DetectorObjective
 from unigendet.training.builders import build_model_and_vae, build_objective, build_tokenizer
 from unigendet.training.config import TrainConfig
+from unigendet.training.construction import zero3_construction_config
 from unigendet.training.ema import build_ema
 from unigendet.training.freeze import apply_freeze, apply_lora
 from unigendet.training.guard import DivergenceGuard
@@ -119,10 +120,12 @@ class Trainer:
                                      run_config=to_dict(cfg))
         if self.engine is not None:
             self._resume()
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # A ZeRO-3 parameter's numel() is its (empty) placeholder's; ds_numel is the real count.
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
         logger.info("model: %.2fM trainable parameters; ZeRO-%d; %s; world size %d", n_train / 1e6,
                     cfg.deepspeed.zero_stage, "bf16" if self.bf16 else "fp32", world_size())
-        # Construction memory is per rank (each builds and loads its own copy), so every rank's peak is shown.
+        # Construction memory is per rank (each builds its own copy, or under ZeRO-3 its own partition), so every
+        # rank's peak is shown.
         peaks = all_gather_object(peak_host_rss_bytes())
         logger.info("after construction: peak host RSS per rank %s GiB; rank 0: %s",
                     [round(p / GIB, 2) for p in peaks], memory_summary(self.device))
@@ -131,7 +134,10 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer, self.special = build_tokenizer(cfg.init, cfg.model.llm.vocab_size, cfg.data.sources)
         self.model, self.vae = build_model_and_vae(cfg.init, cfg.model,
-                                                   torch.bfloat16 if self.bf16 else torch.float32)
+                                                   torch.bfloat16 if self.bf16 else torch.float32,
+                                                   zero3_config=zero3_construction_config(cfg, self.bf16))
+        peaks = all_gather_object(peak_host_rss_bytes())
+        logger.info("after model construction: peak host RSS per rank %s GiB", [round(p / GIB, 2) for p in peaks])
         # The objective comes first: DIGA copies its teacher from the stage-1 weights, before anything
         # is frozen or adapted.
         self.objective = build_objective(cfg.stage, cfg.stage_config, cfg.model, self.model, self.vae)
@@ -164,6 +170,8 @@ class Trainer:
         cfg = self.cfg
         self.engine, self.optimizer, self.scheduler = build_engine(self.model, cfg.deepspeed, cfg.optim,
                                                                    cfg.total_steps, self.bf16)
+        if self.device.type == "cuda":
+            logger.info("after engine construction: %s", memory_summary(self.device))
         self.gate = StepGate(self.engine)
         self.ema = build_ema(cfg.ema, self.engine.module, cfg.deepspeed.zero_stage)
         if cfg.stage == "detector" and cfg.detector.sharpness_radius > 0:
