@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", default=None, choices=["none", "layer"],
+                   help="model.compile: 'layer' compiles each decoder layer (compiled during the warm-up steps)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return p.parse_args(argv)
 
@@ -50,6 +52,8 @@ def main(argv=None) -> dict:
     overrides = [f"llm.num_hidden_layers={args.layers}"] if args.layers else []
     if args.backend:
         overrides.append(f"attn_backend={args.backend}")
+    if args.compile:
+        overrides.append(f"compile={args.compile}")
     cfg = load_config(ModelConfig, args.model, overrides)
 
     torch.manual_seed(0)
@@ -80,7 +84,7 @@ def main(argv=None) -> dict:
     peak = measured_matmul_peak(device, dtype)
     achieved = flops.total / seconds
     result = {
-        "model": args.model, "layers": cfg.llm.num_hidden_layers, "backend": cfg.attn_backend,
+        "model": args.model, "layers": cfg.llm.num_hidden_layers, "backend": cfg.attn_backend, "compile": cfg.compile,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "pack_tokens": batch.sequence_length,
         "samples": len(batch.sample_lens), "step_s": seconds, "tokens_per_s": batch.sequence_length / seconds,

@@ -177,6 +177,9 @@ class ModelConfig:
     # DIGA projector (hidden -> mult*hidden -> hidden); built only when enabled.
     diga_projector: bool = False
     diga_projector_mult: int = 4
+    # "layer": torch.compile each decoder layer's computation in the packed (training) forward, the attention call
+    # left eager; "none": eager. Compiling costs a minute or more per process before the first step.
+    compile: Literal["none", "layer"] = "none"
 
     @property
     def latent_channels(self) -> int:
@@ -199,6 +202,8 @@ class ModelConfig:
         if not (self.visual_und or self.visual_gen):
             raise ConfigError("at least one of visual_und / visual_gen must be true")
         _require_at_least_one(self, "latent_patch_size", "max_latent_size", "diga_projector_mult")
+        if self.compile not in ("none", "layer"):
+            raise ConfigError(f"compile must be 'none' or 'layer', got {self.compile!r}")
 
 
 def pack_geometry(cfg: ModelConfig) -> PackGeometry:

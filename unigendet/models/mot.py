@@ -3,7 +3,8 @@
 Each token is routed statically by type: text and ViT tokens to the understanding expert ("und"),
 VAE latent tokens to the generation expert ("gen"). In the MoT layout every expert has its own
 norms, q/k/v/o projections, per-head q/k RMSNorm and MLP; the attention softmax runs once over all
-tokens of a sample. Building blocks (RMSNorm, SwiGLU MLP, RoPE) are transformers' Qwen2 modules.
+tokens of a sample. The SwiGLU MLP and RoPE are transformers' Qwen2 modules; RMSNorm is ``unigendet.ops``'
+(the same function with a cheaper backward).
 
 Parameter names follow BAGEL checkpoints: the gen copy of a module ``x`` is ``x_moe_gen``.
 """
@@ -18,12 +19,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
-    Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
     apply_rotary_pos_emb,
 )
 
 from unigendet.models.config import LLMConfig
+from unigendet.ops.elementwise import RMSNorm
 
 GEN_SUFFIX = "_moe_gen"
 
@@ -84,8 +85,8 @@ class MoTAttention(nn.Module):
             self.add_module("v_proj" + suffix, nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True))
             self.add_module("o_proj" + suffix, nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False))
             if cfg.qk_norm:
-                self.add_module("q_norm" + suffix, Qwen2RMSNorm(self.head_dim, eps=cfg.rms_norm_eps))
-                self.add_module("k_norm" + suffix, Qwen2RMSNorm(self.head_dim, eps=cfg.rms_norm_eps))
+                self.add_module("q_norm" + suffix, RMSNorm(self.head_dim, eps=cfg.rms_norm_eps))
+                self.add_module("k_norm" + suffix, RMSNorm(self.head_dim, eps=cfg.rms_norm_eps))
         self.qk_norm = cfg.qk_norm
 
     def _suffix(self, expert: str) -> str:
@@ -125,12 +126,12 @@ class MoTDecoderLayer(nn.Module):
         mot = cfg.layer_module == "mot"
         experts_mlp = cfg.layer_module in ("mot", "moe")
         self.self_attn = MoTAttention(cfg, attention)
-        self.input_layernorm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = Qwen2MLP(hf_config)
         if mot:
-            self.input_layernorm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-            self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+            self.input_layernorm_moe_gen = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+            self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         if experts_mlp:
             self.mlp_moe_gen = Qwen2MLP(hf_config)
         self.norm_suffix = GEN_SUFFIX if mot else ""
@@ -140,38 +141,39 @@ class MoTDecoderLayer(nn.Module):
         return getattr(self, name + suffix)
 
     def forward(self, hidden: torch.Tensor, routing: Routing, cos, sin, attend) -> torch.Tensor:
-        und, gen = routing.split(hidden)
+        """One layer on the packed residual stream ``hidden [L, D]`` -> ``[L, D]``."""
+        return routing.merge(*self.forward_experts(*routing.split(hidden), routing, cos, sin, attend))
+
+    def forward_experts(self, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing, cos, sin, attend):
+        """One layer on the residual stream kept split by expert (``und`` and ``gen`` rows of the pack, in
+        ``routing``'s order) -> ``(und, gen)``. The decoder runs its layers this way, so that the stream is
+        split once before the first layer and merged once after the last instead of in every layer."""
+        und, gen = self.attention_experts(und, gen, routing, cos, sin, attend)
+        return self.mlp_experts(und, gen, routing)
+
+    def attention_experts(self, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing, cos, sin, attend):
+        """The layer's first half: each expert's normed input through the shared attention, added to its
+        residual stream."""
         a_und = self.input_layernorm(und)
         a_gen = self._gen("input_layernorm", self.norm_suffix)(gen) if routing.mixed else None
         o_und, o_gen = self.self_attn(a_und, a_gen, routing, cos, sin, attend)
-        und = und + o_und
-        m_und = self.mlp(self.post_attention_layernorm(und))
-        if routing.mixed:
-            gen = gen + o_gen
-            m_gen = self._gen("mlp", self.mlp_suffix)(self._gen("post_attention_layernorm", self.norm_suffix)(gen))
-            return routing.merge(und + m_und, gen + m_gen)
-        return und + m_und
+        return und + o_und, (gen + o_gen if routing.mixed else None)
 
+    def mlp_experts(self, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing):
+        """The layer's second half: each expert's normed MLP added to its residual stream."""
+        und = und + self.mlp(self.post_attention_layernorm(und))
+        if routing.mixed:
+            gen = gen + self._gen("mlp", self.mlp_suffix)(self._gen("post_attention_layernorm", self.norm_suffix)(gen))
+        return und, gen
 
     def attention_block(self, hidden: torch.Tensor, routing: Routing, cos, sin, attend) -> torch.Tensor:
-        """The layer's first half on its own: each expert's normed input through the shared attention, added to
-        the residual stream -> ``[L, D]``. ``mlp_block(attention_block(x))`` equals ``forward(x)``; the halves exist
-        so that activation checkpointing can recompute one half at a time (``forward`` stays one piece, without
-        the extra merge and split between the halves)."""
-        und, gen = routing.split(hidden)
-        a_und = self.input_layernorm(und)
-        a_gen = self._gen("input_layernorm", self.norm_suffix)(gen) if routing.mixed else None
-        o_und, o_gen = self.self_attn(a_und, a_gen, routing, cos, sin, attend)
-        return routing.merge(und + o_und, gen + o_gen if routing.mixed else None)
+        """``attention_experts`` on the packed stream ``[L, D]``; ``mlp_block(attention_block(x))`` equals
+        ``forward(x)``."""
+        return routing.merge(*self.attention_experts(*routing.split(hidden), routing, cos, sin, attend))
 
     def mlp_block(self, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The layer's second half: each expert's normed MLP added to the residual stream -> ``[L, D]``."""
-        und, gen = routing.split(hidden)
-        m_und = self.mlp(self.post_attention_layernorm(und))
-        if routing.mixed:
-            m_gen = self._gen("mlp", self.mlp_suffix)(self._gen("post_attention_layernorm", self.norm_suffix)(gen))
-            return routing.merge(und + m_und, gen + m_gen)
-        return und + m_und
+        """``mlp_experts`` on the packed stream ``[L, D]``."""
+        return routing.merge(*self.mlp_experts(*routing.split(hidden), routing))
 
 
 class MoTDecoder(nn.Module):
@@ -183,9 +185,9 @@ class MoTDecoder(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(MoTDecoderLayer(cfg, hf_config, attention) for _ in range(cfg.num_hidden_layers))
-        self.norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         if cfg.layer_module in ("mot", "moe"):
-            self.norm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+            self.norm_moe_gen = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(hf_config)
         self.activation_checkpointing = False
         # "layer": recompute whole layers in backward; "sublayer": the attention and MLP halves separately (each
@@ -195,11 +197,17 @@ class MoTDecoder(nn.Module):
         # loop then moves the residual stream and the per-token tensors to each layer's device, and to the final
         # norms' device at the end; None (a model on one device) skips those moves.
         self.layer_devices: list[torch.device] | None = None
+        # "layer": the packed (training) path runs each layer's computation through torch.compile (see
+        # ``_compiled_layer_functions``); "none": eager.
+        self.compile_mode = "none"
 
-    def final_norm(self, hidden: torch.Tensor, routing: Routing) -> torch.Tensor:
-        und, gen = routing.split(hidden)
-        gen_norm = getattr(self, "norm_moe_gen", self.norm)
-        return routing.merge(self.norm(und), gen_norm(gen) if routing.mixed else None)
+    def set_compile(self, mode: str) -> None:
+        """``"layer"``: compile each decoder layer's norms, projections, RoPE, MLPs and residual adds with
+        torch.compile (one compiled graph shared by all layers, dynamic shapes; the attention call itself stays
+        eager) in the packed forward; ``"none"``: run eagerly. The cached inference path is never compiled."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+        self.compile_mode = mode
 
     def forward(
         self,
@@ -221,32 +229,57 @@ class MoTDecoder(nn.Module):
         cos, sin = cos[0], sin[0]
         captured = None
         depth = len(self.layers) if num_layers is None else num_layers
+        # The residual stream stays split by expert through the layers (see ``MoTDecoderLayer.forward_experts``).
+        und, gen = routing.split(hidden)
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        compiled = _compiled_layer_functions() if self.compile_mode == "layer" and attend is None else None
         for i, layer in enumerate(self.layers[:depth]):
             if self.layer_devices is not None:
-                hidden, routing, cos, sin = _to_device(self.layer_devices[i], hidden, routing, cos, sin)
+                und, gen, routing, cos, sin = _to_device(self.layer_devices[i], und, gen, routing, cos, sin)
             if attend is None:
                 layer_attend = functools.partial(layer.self_attn.attention, prepared=prepared)
             else:
                 layer_attend = functools.partial(attend, i)
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                if self.checkpoint_granularity == "sublayer":
-                    hidden = checkpoint(layer.attention_block, hidden, routing, cos, sin, layer_attend,
-                                        use_reentrant=False)
-                    hidden = checkpoint(layer.mlp_block, hidden, routing, use_reentrant=False)
-                else:
-                    hidden = checkpoint(layer, hidden, routing, cos, sin, layer_attend, use_reentrant=False)
+            if compiled is None:
+                run = {name: getattr(layer, name) for name in _LAYER_FUNCTIONS}
             else:
-                hidden = layer(hidden, routing, cos, sin, layer_attend)
+                # The attention's per-sample loop over the pack's own layout stays out of the graph (one graph
+                # for every pack); the layer module is an argument, so all layers share the compiled code.
+                layer_attend = torch.compiler.disable(layer_attend)
+                run = {name: functools.partial(fn, layer) for name, fn in compiled.items()}
+            if checkpointing and self.checkpoint_granularity == "sublayer":
+                und, gen = checkpoint(run["attention_experts"], und, gen, routing, cos, sin, layer_attend,
+                                      use_reentrant=False)
+                und, gen = checkpoint(run["mlp_experts"], und, gen, routing, use_reentrant=False)
+            elif checkpointing:
+                und, gen = checkpoint(run["forward_experts"], und, gen, routing, cos, sin, layer_attend,
+                                      use_reentrant=False)
+            else:
+                und, gen = run["forward_experts"](und, gen, routing, cos, sin, layer_attend)
             if capture_layer is not None and i + 1 == capture_layer:
-                captured = hidden
+                captured = routing.merge(und, gen)
         if self.layer_devices is not None:
-            hidden, routing, cos, sin = _to_device(self.norm.weight.device, hidden, routing, cos, sin)
-        return self.final_norm(hidden, routing), captured
+            und, gen, routing, cos, sin = _to_device(self.norm.weight.device, und, gen, routing, cos, sin)
+        gen_norm = getattr(self, "norm_moe_gen", self.norm)
+        return routing.merge(self.norm(und), gen_norm(gen) if routing.mixed else None), captured
 
 
-def _to_device(device: torch.device, hidden: torch.Tensor, routing: Routing, cos: torch.Tensor, sin: torch.Tensor):
+COMPILE_MODES = ("none", "layer")
+_LAYER_FUNCTIONS = ("forward_experts", "attention_experts", "mlp_experts")
+
+
+@functools.cache
+def _compiled_layer_functions() -> dict:
+    """torch.compile'd ``MoTDecoderLayer`` methods taking the layer as first argument, built once per process
+    (compilation itself happens at the first call, per input signature)."""
+    return {name: torch.compile(getattr(MoTDecoderLayer, name), dynamic=True) for name in _LAYER_FUNCTIONS}
+
+
+def _to_device(device: torch.device, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing,
+               cos: torch.Tensor, sin: torch.Tensor):
     """What a decoder layer reads, on ``device`` (a split model's hop between devices; a no-op on one device)."""
-    return hidden.to(device), routing.to(device), cos.to(device), sin.to(device)
+    gen = gen.to(device) if gen is not None else None
+    return und.to(device), gen, routing.to(device), cos.to(device), sin.to(device)
 
 
 class MoTLanguageModel(nn.Module):

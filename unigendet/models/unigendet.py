@@ -79,6 +79,7 @@ class UniGenDet(nn.Module):
         D = llm.hidden_size
         self.attention = build_attention(config.attn_backend)
         self.language_model = MoTLanguageModel(llm, self.attention)
+        self.language_model.model.set_compile(config.compile)
         if config.visual_und:
             self.vit_model = SiglipNaViT(config.vit, attn_implementation=config.attn_backend)
             self.connector = MLPConnector(config.vit.hidden_size, D, D, config.connector_act)
@@ -314,6 +315,12 @@ class UniGenDet(nn.Module):
         config = from_dict(ModelConfig, {**meta["model"], **overrides})
         model = cls.without_weights(config)
         state = load_sharded(directory, "model", device=str(map_location))
+        if not config.diga_projector and any(k.startswith("diga_projector.") for k in state):
+            # The projector only feeds the DIGA alignment loss; a model built without it (e.g. GDUF continuing from a
+            # DIGA export, or inference) does not need it, and nothing else reads those weights.
+            logger.info("%s: the checkpoint's DIGA projector is not part of this model (diga_projector: false); "
+                        "dropped", directory)
+            state = {k: v for k, v in state.items() if not k.startswith("diga_projector.")}
         model.load_state_dict_strict(state, fresh_ok=OPTIONAL_HEADS, dtype=dtype)
         return model.to(map_location)
 
