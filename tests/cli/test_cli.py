@@ -44,6 +44,7 @@ def complete_args(name: str, p: dict[str, str]) -> list[str]:
     return {
         "demo": [],
         "train": ["--config", str(recipe_path("train/gduf_demo.yaml"))],
+        "coevolve": ["--config", str(recipe_path("coevolution/bagel7b.yaml"))],
         "export": ["--source", p["model"], "--out", p["gen"] + "/export", "--reports", p["report.json"]],
         "convert-data": ["--dataset-info", p["test.json"], "--data-yaml", p["table.json"], "--out", p["gen"] + "/d.yaml"],
         "detect": [p["a.png"], p["b.png"], *model],

@@ -14,26 +14,39 @@ from unigendet.utils.images import image_grid  # noqa: E402
 
 @pytest.mark.slow
 def test_demo_chain_runs_every_stage_and_reports(tmp_path):
-    s = DemoSettings(steps=6, diga_steps=2, num_train=16, num_heldout=8, samples_per_caption=1, sampling_steps=3,
-                     explain_tokens=3, baseline_steps=2)
+    s = DemoSettings(steps=6, diga_steps=2, rounds=2, later_gduf_steps=2, vae_steps=4, num_train=16, num_heldout=8,
+                     t2i_per_photo=1, samples_per_caption=1, sampling_steps=3, explain_tokens=3, baseline_steps=2)
     report = run_demo(tmp_path, s, overrides=["logging.interval=1", "checkpoint.interval=100"],
                       diga_overrides=["logging.interval=1", "checkpoint.interval=100"])
-    for run in ("gduf", "diga", "fm_only"):
-        assert (tmp_path / run / "final" / "model.safetensors").is_file()
-    # The control really is flow matching only: its projector never trains, so its alignment loss is flat-ish
-    # but logged; DIGA's differs because the projector receives gradient.
-    assert set(report["stage2"]) == {"diga", "fm_only"}
-    assert report["stage2"]["diga"]["align"] != report["stage2"]["fm_only"]["align"]
-    generated = report["generated"]
-    assert set(generated) == {"stage1", "fm_only", "diga"}
-    assert all(g["n"] == 13 and 0.0 <= g["mean_p_fake"] <= 1.0 for g in generated.values())
-    assert Image.open(tmp_path / "generated_diga.png").width > 13 * 64
-    diffs = [a - b for a, b in zip(generated["diga"]["p_fake"], generated["fm_only"]["p_fake"])]
-    assert report["diga_minus_fm_only"][0] == pytest.approx(sum(diffs) / len(diffs))
+    assert (tmp_path / "vae" / "ae.safetensors").is_file() and not report["vae"]["cached"]
+    for r in (1, 2):
+        for run in ("gduf", "diga"):
+            assert (tmp_path / "rounds" / f"round{r}" / run / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "fm_only" / "final" / "model.safetensors").is_file()
+    # Two rounds, each measured on the three held-out sets; round 2's detector scores both generators.
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert set(rounds[0]["detector"]["sets"]) == {"heldout", "heldout_photos", "heldout_generators"}
+    assert all(v["n"] == 8 for v in rounds[1]["detector"]["sets"].values())
+    assert list(rounds[1]["detector"]["by_generator"]) == ["G1", "G2"]
+    assert rounds[1]["gduf"]["steps"] == 2 and 0 <= rounds[1]["generator"]["consistency"] <= 1
+    # Round 2's GDUF trained on round 1's generated images as fakes (13 captions x 1 sample), each paired with a real.
+    added = json.loads((tmp_path / "rounds" / "round1" / "detection.json").read_text())
+    labels = [e["label"] for e in added]
+    assert len(added) == 26 and labels.count(0) == labels.count(1) == 13  # FakeClue convention: 0 = fake
+    table = (tmp_path / "rounds" / "coevolution.md").read_text()
+    assert table.count("\n| ") == 3  # header + one row per round
+    ev = report["evidence"]
+    assert ev["n"] == 13 and all(len(ev[k]["p_fake"]) == 13 for k in ("stage1", "fm_only", "diga"))
+    diffs = [a - b for a, b in zip(ev["diga"]["p_fake"], ev["fm_only"]["p_fake"])]
+    assert ev["diga_minus_fm_only"]["p_fake"][0] == pytest.approx(sum(diffs) / len(diffs))
+    # The control really is flow matching only: DIGA's alignment loss differs from the control's.
+    assert rounds[0]["diga"]["align"] != ev["control"]["align"]
+    assert Image.open(tmp_path / "generated_diga.png").width >= 13 * 64
     scored = json.loads((tmp_path / "eval" / "fakeclue_heldout.json").read_text())
     assert scored["metrics"]["head"]["n"] == 8
     text = format_report(report, s, tmp_path)
-    assert "+2 DIGA steps" in text and "FakeClue protocol" in text
+    assert "+2 DIGA steps" in text and "FakeClue protocol" in text and "round 2:" in text and "elapsed" in text
     # Every baseline trained on the demo's training images and was scored with UniGenDet on the same 8 images.
     table = report["detectors"]
     assert list(table) == ["unigendet", "ltd", "corit", "spectral"]
@@ -44,7 +57,8 @@ def test_demo_chain_runs_every_stage_and_reports(tmp_path):
         if name != "unigendet":
             assert (tmp_path / "baselines" / name / "final").is_dir()
             assert f"    {name} " in text
-    assert table["unigendet"]["accuracy"] == pytest.approx(report["stage1"]["accuracy"])
+    assert table["unigendet"]["accuracy"] == pytest.approx(rounds[0]["detector"]["sets"]["heldout"]["accuracy"])
+    assert json.loads((tmp_path / "demo_report.json").read_text())["rounds"][0]["round"] == 1
 
 
 def test_demo_settings_are_validated():

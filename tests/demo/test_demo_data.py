@@ -64,7 +64,7 @@ def test_deterministic_and_offline(tmp_path, monkeypatch):
     assert digest_a != digest_c  # the seed matters
     # Rebuilding smaller into the same folder leaves no stale, unreferenced images.
     small = make_demo_dataset(tmp_path / "a", num_train=4, num_heldout=2, seed=3)
-    assert len(list((small.image_root / "images").rglob("*.png"))) == 6
+    assert len(list((small.image_root / "images").rglob("*.png"))) == 4 + 3 * 2
 
 
 def test_bad_arguments(tmp_path):
@@ -79,16 +79,20 @@ def test_counts_and_files(dataset):
     c = dataset.counts
     assert (c["train_real"], c["train_fake"]) == (NUM_TRAIN // 2, NUM_TRAIN // 2)
     assert (c["heldout_real"], c["heldout_fake"]) == (NUM_HELDOUT // 2, NUM_HELDOUT // 2)
-    assert c["t2i"] == c["train_real"]
-    assert len(list((dataset.root / "images" / "real").glob("*.png"))) == c["train_real"] + c["heldout_real"]
-    assert len(list((dataset.root / "images" / "fake").glob("*.png"))) == c["train_fake"] + c["heldout_fake"]
+    assert c["t2i"] == c["t2i_heldout"] == 12 * len(DEMO_SOURCES)
+    sets = ("train", "heldout", "heldout_photos", "heldout_generators")
+    assert len(list((dataset.root / "images" / "real").glob("*.png"))) == sum(c[f"{s}_real"] for s in sets)
+    assert len(list((dataset.root / "images" / "fake").glob("*.png"))) == sum(c[f"{s}_fake"] for s in sets)
     assert len(_entries(dataset.train_json)) == NUM_TRAIN
-    assert len(_entries(dataset.heldout_json)) == NUM_HELDOUT
+    assert set(dataset.heldout_sets) == set(sets[1:]) and dataset.heldout_sets["heldout"] == dataset.heldout_json
+    for name in sets[1:]:
+        assert len(_entries(dataset.heldout_sets[name])) == NUM_HELDOUT
 
 
-@pytest.mark.parametrize("which", ["train_json", "heldout_json"])
+@pytest.mark.parametrize("which", ["train", "heldout", "heldout_photos", "heldout_generators"])
 def test_fakeclue_format_and_labels(dataset, which):
-    for e in _entries(getattr(dataset, which)):
+    path = dataset.train_json if which == "train" else dataset.heldout_sets[which]
+    for e in _entries(path):
         assert set(e) == {"image", "label", "cate", "conversations"}
         assert e["cate"] == "demo" and isinstance(e["label"], int)
         human, gpt = e["conversations"]
@@ -118,26 +122,35 @@ def test_explanations_name_the_process_artefacts(dataset):
     assert len(set(answers.values())) > len(answers) // 2  # templates and clues vary
 
 
-def test_t2i_parquet(dataset):
-    table = pq.read_table(dataset.t2i_parquet)
-    assert table.column_names == ["image", "caption", "key"]
-    rows = table.to_pylist()
-    assert len(rows) == dataset.counts["t2i"]
-    assert len({r["key"] for r in rows}) == len(rows)
-    real_train = {
-        hashlib.sha256((dataset.root / e["image"]).read_bytes()).hexdigest()
-        for e in _entries(dataset.train_json)
-        if e["label"] == FAKECLUE_REAL
-    }
-    for r in rows:
-        img = Image.open(io.BytesIO(r["image"]))
-        img.load()
-        assert img.size == (SIZE, SIZE)
-        assert hashlib.sha256(r["image"]).hexdigest() in real_train  # real training crops only
-        assert r["caption"].startswith("a ") and len(r["caption"]) > 10
+def test_t2i_parquets_hold_captioned_wide_views_of_each_photo(dataset):
+    names = {s.name for s in DEMO_SOURCES}
+    for path, band in ((dataset.t2i_parquet, "train"), (dataset.t2i_heldout_parquet, "heldout")):
+        table = pq.read_table(path)
+        assert table.column_names == ["image", "caption", "key", "photo"]
+        rows = table.to_pylist()
+        assert len({r["key"] for r in rows}) == len(rows)
+        assert {r["photo"] for r in rows} == names and all(r["photo"] in r["key"] for r in rows)
+        for r in rows:
+            img = Image.open(io.BytesIO(r["image"]))
+            img.load()
+            assert img.size == (SIZE, SIZE)
+            source = next(s for s in DEMO_SOURCES if s.name == r["photo"])
+            assert any(subject in r["caption"] for subject in source.subjects)  # the caption names its photo
     captions = demo_captions()
     assert len(captions) == len(DEMO_SOURCES) and len(set(captions)) == len(captions)
     assert "a grayscale photo of a camera man" in captions
+    assert demo_data.demo_photo_names() == [s.name for s in DEMO_SOURCES]
+
+
+def test_detection_crops_are_close_ups_and_text_to_image_views_wide(dataset):
+    records = _entries(dataset.manifest)
+    assert {r["framing"] for r in records} == {"close"}
+    side = lambda r: r["box"][2] - r["box"][0]  # noqa: E731
+    assert max(side(r) for r in records) <= round(1.5 * SIZE)
+    # Wide views: most of the band, downscaled; their pixels differ from every detection image's.
+    views = pq.read_table(dataset.t2i_parquet).to_pylist()
+    detection = {hashlib.sha256((dataset.root / r["image"]).read_bytes()).hexdigest() for r in records}
+    assert not detection & {hashlib.sha256(r["image"]).hexdigest() for r in views}
 
 
 # --------------------------------------------------------------------------- split hygiene
@@ -155,13 +168,42 @@ def test_splits_are_disjoint(dataset):
     records = _entries(dataset.manifest)
     for source in DEMO_SOURCES:
         boxes = {s: np.array([r["box"] for r in records if r["source"] == source.name and r["split"] == s])
-                 for s in ("train", "heldout")}
+                 for s in ("train", "heldout")}  # "heldout" covers both held-out sets cut from the training photos
         tr, he = boxes["train"], boxes["heldout"]
         assert len(tr) and len(he)
         # [x0, y0, x1, y1], half-open: overlap iff both intervals overlap.
         ox = (tr[:, None, 0] < he[None, :, 2]) & (he[None, :, 0] < tr[:, None, 2])
         oy = (tr[:, None, 1] < he[None, :, 3]) & (he[None, :, 1] < tr[:, None, 3])
         assert not (ox & oy).any(), source.name
+
+
+def test_heldout_photos_and_generators_are_unseen(dataset):
+    records = _entries(dataset.manifest)
+    train_sources = {r["source"] for r in records if r["set"] == "train"}
+    photo_sources = {r["source"] for r in records if r["set"] == "heldout_photos"}
+    assert photo_sources == {s.name for s in demo_data.HELDOUT_SOURCES} and not photo_sources & train_sources
+    assert all(r["split"] == "all" for r in records if r["set"] == "heldout_photos")
+    # Other random instances of the generator families: the same crop through a training instance and an unseen
+    # instance differs, and a classifier's decision for the unseen set is not read off the training instances.
+    rng = np.random.default_rng(0)
+    seeds = np.random.SeedSequence(0).spawn(9)
+    seen = demo_data.generator_instances(seeds[0], demo_data.TRAIN_GENERATOR_INSTANCES, 1.0)
+    unseen = demo_data.generator_instances(seeds[1], demo_data.HELDOUT_GENERATOR_INSTANCES, 1.0)
+    crop = rng.uniform(0, 1, (3, SIZE, SIZE))
+    for a_gens in seen:
+        for b_gens in unseen:
+            assert not np.allclose(a_gens.deconv[0], b_gens.deconv[0])
+            for process in demo_data.FAKE_PROCESSES:
+                a = demo_data.make_fake(crop, process, a_gens, np.random.default_rng(1))
+                b = demo_data.make_fake(crop, process, b_gens, np.random.default_rng(1))
+                assert np.abs(a - b).max() > 0.01, process
+    # Training fakes use every training instance of every family; the unseen set every unseen instance.
+    fakes = [r for r in records if r["process"] is not None]
+    for name, count in (("train", len(seen)), ("heldout_generators", len(unseen))):
+        used = {(r["process"], r["instance"]) for r in fakes if r["set"] == name}
+        assert used == {(p, k) for p in demo_data.FAKE_PROCESSES for k in range(count)}, name
+    gen_sets = {r["set"] for r in records if r["process"] is not None}
+    assert gen_sets == {"train", "heldout", "heldout_photos", "heldout_generators"}
 
 
 def test_gray_sources_stay_gray(dataset):

@@ -22,7 +22,7 @@ LAYERS = [
     ("training", "inference", "metrics"),
     ("cascade",),
     ("evaluation",),
-    ("serving",),
+    ("coevolution", "serving"),
     ("demo",),
     ("cli",),
 ]

@@ -13,15 +13,21 @@ deterministically for a seed:
   it came from, so global colour statistics do not give the label away; the task is about texture.
   Every process works on each channel with the *same* weights, so a grayscale source stays exactly gray
   (a colour cast on a gray photo would be a trivial give-away).
-* **Splits**: every photo is cut along its long side into a training band and a held-out band; training
-  crops come only from the first, held-out crops only from the second, so the held-out accuracy measures
-  generalisation to unseen pixels, not memorisation of crops.
+* **Two framings**: detection crops are close-ups (windows of 1-1.5x the output size: texture, where the
+  artefacts are); the text-to-image data are wide views (85-100 % of the band's short side, downscaled: the
+  photograph's layout, what a caption names), so the generator learns to draw each photograph.
+* **Splits**: every training photo is cut along its long side into a training band and a held-out band; training
+  crops come only from the first. Three held-out detection sets then measure three kinds of generalisation:
+  ``heldout`` (unseen crops: the held-out bands, the training generator instances), ``heldout_photos`` (unseen
+  photographs, never used in training, with the training generator instances) and ``heldout_generators``
+  (the held-out bands' reals against fakes from *other* random instances of the same generator families).
 
 Outputs (``out_dir`` is the image root, as FakeClue's ``image`` fields are relative paths)::
 
     images/real/NNNNNN.png, images/fake/NNNNNN.png
     fakeclue_train.json, fakeclue_heldout.json   # FakeClue format, label 1 = real, 0 = fake
-    t2i_train.parquet                            # columns image (PNG bytes), caption, key (real train crops)
+    fakeclue_heldout_photos.json, fakeclue_heldout_generators.json
+    t2i_train.parquet, t2i_heldout.parquet      # columns image (PNG bytes), caption, key, photo (wide views)
     demo_manifest.json                           # per image: split, label, source photo, crop box, process
 
 All image arithmetic is float64 numpy plus PIL resizing, so the bytes do not depend on the thread count.
@@ -52,7 +58,10 @@ FAKE_ANSWER_PREFIX = "This is a fake image."
 
 TRAIN_JSON = "fakeclue_train.json"
 HELDOUT_JSON = "fakeclue_heldout.json"
+HELDOUT_PHOTOS_JSON = "fakeclue_heldout_photos.json"
+HELDOUT_GENERATORS_JSON = "fakeclue_heldout_generators.json"
 T2I_PARQUET = "t2i_train.parquet"
+T2I_HELDOUT_PARQUET = "t2i_heldout.parquet"
 MANIFEST_JSON = "demo_manifest.json"
 
 # Fraction of each photo's long side that belongs to the training band; the rest is the held-out band.
@@ -60,12 +69,21 @@ TRAIN_BAND = 0.7
 # Crops are taken as windows of this many source pixels per output pixel and downscaled to the output
 # size: never upscaled, because upscaling would itself remove fine detail and make reals look "generated".
 CROP_SCALE_RANGE = (1.0, 1.5)
+# Wide views (the text-to-image data): windows of this fraction of the band's short side, downscaled to the output
+# size. Most of the band, so that each caption names one recognisable picture a tiny generator can learn in minutes.
+# (Detection crops stay close-ups: with half of them wide views, measured, the demo model's detection loss stayed
+# at ln 2 for 300+ steps, against 85% training accuracy after 250 steps on close-ups.)
+T2I_WINDOW_RANGE = (0.85, 1.0)
 # Windows flatter than this (gray std in [0, 1] units) are re-drawn: a flat patch carries no texture for
 # either class, so it is noise in the labels.
 MIN_CROP_STD = 0.03
 _MAX_CROP_TRIES = 50
 
 FAKE_PROCESSES = ("upsample_checkerboard", "conv_decoder", "smooth_grid")
+# Random instances of each generator family ("weights" drawn independently): the training fakes come from the first
+# group, the ``heldout_generators`` fakes from the second, so a detector must learn what a family's instances share.
+TRAIN_GENERATOR_INSTANCES = 4
+HELDOUT_GENERATOR_INSTANCES = 2
 
 
 @dataclass(frozen=True)
@@ -115,6 +133,16 @@ DEMO_SOURCES: tuple[DemoSource, ...] = (
                ("gravel", "small stones on the ground", "a gravel path"), "the gravel"),
     DemoSource("page", "page.png", True,
                ("a printed page of text", "a scanned book page", "a page of printed text"), "the printed page"),
+)
+
+# Photographs that no training image comes from: the ``heldout_photos`` set.
+HELDOUT_SOURCES: tuple[DemoSource, ...] = (
+    DemoSource("hubble", "hubble_deep_field.jpg", False,
+               ("galaxies in deep space", "the Hubble deep field", "distant galaxies on a black sky"), "the galaxies"),
+    DemoSource("retina", "retina.jpg", False,
+               ("the retina of a human eye", "a fundus photograph", "blood vessels of the retina"), "the retina"),
+    DemoSource("cell", "cell.png", True,
+               ("cells under a microscope", "a microscope image of cells", "a cell culture"), "the cells"),
 )
 
 _COLOR_CAPTION_TEMPLATES = ("a photograph of {}", "a photo of {}", "a close-up photo of {}", "a cropped picture of {}")
@@ -173,7 +201,10 @@ class DemoDataset:
     heldout_json: Path
     t2i_parquet: Path
     manifest: Path
-    counts: dict[str, int] = field(default_factory=dict)  # train_real, train_fake, heldout_real, heldout_fake, t2i
+    counts: dict[str, int] = field(default_factory=dict)  # <set>_real, <set>_fake per detection set, t2i, t2i_heldout
+    # Held-out detection sets by name: heldout (unseen crops), heldout_photos, heldout_generators.
+    heldout_sets: dict[str, Path] = field(default_factory=dict)
+    t2i_heldout_parquet: Path | None = None  # wide views of the held-out bands (distribution-distance reference)
 
 
 # --------------------------------------------------------------------------- source photographs
@@ -199,7 +230,10 @@ def _load_source(filename: str) -> np.ndarray:
 
 
 def _bands(height: int, width: int, split: str) -> tuple[int, int, int, int]:
-    """``(y0, y1, x0, x1)`` of the split's band: the long side is cut at ``TRAIN_BAND``."""
+    """``(y0, y1, x0, x1)`` of the split's band: the long side is cut at ``TRAIN_BAND``; ``all`` is the whole
+    photograph (the held-out photographs, of which nothing is trained on)."""
+    if split == "all":
+        return 0, height, 0, width
     if width >= height:
         cut = int(round(width * TRAIN_BAND))
         return (0, height, 0, cut) if split == "train" else (0, height, cut, width)
@@ -207,7 +241,18 @@ def _bands(height: int, width: int, split: str) -> tuple[int, int, int, int]:
     return (0, cut, 0, width) if split == "train" else (cut, height, 0, width)
 
 
-def _draw_crop(rng: np.random.Generator, source: DemoSource, split: str, size: int) -> tuple[np.ndarray, dict]:
+def _window_size(rng: np.random.Generator, max_window: int, size: int, wide: tuple[float, float] | None) -> int:
+    """Side of the square source window: close-ups (``wide`` None) barely downscale; wide views take the fraction
+    ``wide`` of the band's short side."""
+    if wide is None:
+        window = int(round(rng.uniform(size * CROP_SCALE_RANGE[0], size * CROP_SCALE_RANGE[1])))
+    else:
+        window = int(round(rng.uniform(*wide) * max_window))
+    return min(max_window, max(size, window))
+
+
+def _draw_crop(rng: np.random.Generator, source: DemoSource, split: str, size: int,
+               wide: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """A ``[3, size, size]`` crop from the split's band of ``source`` and a record of where it came from."""
     photo = _load_source(source.filename)
     by0, by1, bx0, bx1 = _bands(photo.shape[1], photo.shape[2], split)
@@ -215,8 +260,7 @@ def _draw_crop(rng: np.random.Generator, source: DemoSource, split: str, size: i
     if max_window < size:
         raise ValueError(f"{source.name}: the {split} band ({by1 - by0}x{bx1 - bx0}) is smaller than {size}")
     for _ in range(_MAX_CROP_TRIES):
-        scale = rng.uniform(*CROP_SCALE_RANGE)
-        window = min(max_window, max(size, int(round(size * scale))))
+        window = _window_size(rng, max_window, size, wide)
         y0 = int(rng.integers(by0, by1 - window + 1))
         x0 = int(rng.integers(bx0, bx1 - window + 1))
         flip = bool(rng.integers(0, 2))
@@ -230,7 +274,8 @@ def _draw_crop(rng: np.random.Generator, source: DemoSource, split: str, size: i
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     crop = np.asarray(img, dtype=np.float64).transpose(2, 0, 1) / 255.0
-    box = {"source": source.name, "split": split, "box": [x0, y0, x0 + window, y0 + window], "flip": flip}
+    box = {"source": source.name, "split": split, "box": [x0, y0, x0 + window, y0 + window], "flip": flip,
+           "framing": "close" if wide is None else "wide"}
     return crop, box
 
 
@@ -337,6 +382,11 @@ def _make_generators(rng: np.random.Generator, strength: float) -> _Generators:
     )
 
 
+def generator_instances(seed: np.random.SeedSequence, count: int, strength: float) -> tuple[_Generators, ...]:
+    """``count`` independent random instances of the generator families, one child seed each."""
+    return tuple(_make_generators(np.random.default_rng(child), strength) for child in seed.spawn(count))
+
+
 def _fake_upsample_checkerboard(x: np.ndarray, gens: _Generators, rng: np.random.Generator) -> np.ndarray:
     """Downsample x2 or x4 (the generator's low-resolution stage), then 1-2 transposed-conv upsamplings.
 
@@ -400,8 +450,14 @@ def make_fake(crop: np.ndarray, process: str, gens: _Generators, rng: np.random.
 
 # --------------------------------------------------------------------------- text
 def demo_captions() -> list[str]:
-    """One canonical caption per source photograph (prompts for the demo's generation step)."""
+    """One canonical caption per training photograph (prompts for the demo's generation step), in the order of
+    ``DEMO_SOURCES``."""
     return [_caption(source, 0, 0) for source in DEMO_SOURCES]
+
+
+def demo_photo_names() -> list[str]:
+    """The training photographs' names, in the order of :func:`demo_captions`."""
+    return [source.name for source in DEMO_SOURCES]
 
 
 def _caption(source: DemoSource, template: int, subject: int) -> str:
@@ -455,6 +511,7 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
             "image": pa.array([r["image"] for r in rows], type=pa.binary()),
             "caption": pa.array([r["caption"] for r in rows], type=pa.string()),
             "key": pa.array([r["key"] for r in rows], type=pa.string()),
+            "photo": pa.array([r["photo"] for r in rows], type=pa.string()),
         }
     )
     pq.write_table(table, path, compression="snappy")
@@ -466,6 +523,62 @@ def _split_counts(total: int) -> tuple[int, int]:
     return total - fake, fake
 
 
+@dataclass(frozen=True)
+class _DetectionSplit:
+    """One detection set: which photographs, which band of them, which generator instances."""
+
+    name: str
+    json_name: str
+    sources: tuple[DemoSource, ...]
+    band: str  # "train", "heldout" or "all"
+    generators: tuple[_Generators, ...]  # instances, used in turn
+    total: int
+
+
+class _ImageWriter:
+    """Numbers and writes the PNGs, FakeClue entries and manifest records of every split."""
+
+    def __init__(self, root: Path, proc_rng: np.random.Generator, text_rng: np.random.Generator):
+        self.root, self.proc_rng, self.text_rng = root, proc_rng, text_rng
+        self.index = {"real": 0, "fake": 0}
+        self.manifest: list[dict] = []
+
+    def write_split(self, split: _DetectionSplit, crop_rng: np.random.Generator, size: int) -> list[dict]:
+        n_real, n_fake = _split_counts(split.total)
+        # Sources cycle so both classes see every photo about equally often (content carries no label); real and
+        # fake alternate so that any prefix of a split is balanced.
+        kinds = [(kind, i) for i in range(n_real) for kind in ("real", "fake") if kind == "real" or i < n_fake]
+        entries = []
+        for kind, i in kinds:
+            source = split.sources[i % len(split.sources)]
+            crop, record = _draw_crop(crop_rng, source, split.band, size)
+            if kind == "real":
+                pixels, process, label = crop, None, FAKECLUE_REAL
+            else:
+                process = FAKE_PROCESSES[i % len(FAKE_PROCESSES)]
+                instance = (i // len(FAKE_PROCESSES)) % len(split.generators)  # every family cycles its instances
+                pixels, label = make_fake(crop, process, split.generators[instance], self.proc_rng), FAKECLUE_FAKE
+                record["instance"] = instance
+            rel = f"images/{kind}/{self.index[kind]:06d}.png"
+            self.index[kind] += 1
+            (self.root / rel).write_bytes(_png_bytes(pixels))
+            entries.append(fakeclue_entry(rel, label, _explanation(label, process, source, self.text_rng)))
+            self.manifest.append({"image": rel, "label": label, "process": process, "set": split.name, **record})
+        return entries
+
+
+def _t2i_rows(sources: tuple[DemoSource, ...], band: str, per_photo: int, size: int, rng: np.random.Generator,
+              text_rng: np.random.Generator, prefix: str) -> list[dict]:
+    """Wide views of each photograph with a random caption of it (the text-to-image data)."""
+    rows = []
+    for k in range(per_photo):
+        for source in sources:
+            crop, _ = _draw_crop(rng, source, band, size, wide=T2I_WINDOW_RANGE)
+            rows.append({"image": _png_bytes(crop), "caption": _random_caption(source, text_rng),
+                         "key": f"{prefix}-{source.name}-{k:03d}", "photo": source.name})
+    return rows
+
+
 def make_demo_dataset(
     out_dir: str | Path,
     num_train: int = 320,
@@ -473,12 +586,15 @@ def make_demo_dataset(
     image_size: int = 64,
     seed: int = 0,
     artefact_strength: float = 1.0,
+    t2i_per_photo: int = 12,
 ) -> DemoDataset:
-    """Write the demo's real/fake images, FakeClue JSONs, T2I parquet and manifest under ``out_dir``.
+    """Write the demo's real/fake images, FakeClue JSONs, text-to-image parquets and manifest under ``out_dir``.
 
-    ``num_train`` / ``num_heldout`` count detection images per split (half real, half fake; the
-    text-to-image parquet holds the real training crops). ``artefact_strength`` scales the amplitude of the
-    generator artefacts (1.0 = the tested default). Same arguments, same bytes.
+    ``num_train`` counts training detection images, ``num_heldout`` the images of *each* held-out set (half real,
+    half fake). ``t2i_per_photo`` wide views per training photograph go into each text-to-image parquet (training
+    band: ``t2i_train``, held-out band: ``t2i_heldout``, the reference for distribution distances).
+    ``artefact_strength`` scales the amplitude of the generator artefacts (1.0 = the tested default). Same
+    arguments, same bytes.
     """
     if num_train < 2 or num_heldout < 2:
         raise ValueError("each split needs at least one real and one fake image")
@@ -486,6 +602,8 @@ def make_demo_dataset(
         raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
     if artefact_strength <= 0:
         raise ValueError("artefact_strength must be positive")
+    if t2i_per_photo < 1:
+        raise ValueError(f"t2i_per_photo must be >= 1, got {t2i_per_photo}")
 
     root = Path(out_dir)
     real_dir, fake_dir = root / "images" / "real", root / "images" / "fake"
@@ -496,56 +614,45 @@ def make_demo_dataset(
         for stale in directory.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
             stale.unlink()
 
-    # Independent streams, so changing (say) the text templates does not change the images.
-    crop_seq, gen_seq, proc_seq, text_seq = np.random.SeedSequence(seed).spawn(4)
-    crop_rng, proc_rng, text_rng = (np.random.default_rng(s) for s in (crop_seq, proc_seq, text_seq))
-    gens = _make_generators(np.random.default_rng(gen_seq), artefact_strength)
-
-    manifest: list[dict] = []
-    splits: dict[str, list[dict]] = {"train": [], "heldout": []}
-    t2i_rows: list[dict] = []
+    # Independent streams (one per set for the crops), so that changing one set's size or the text templates does
+    # not change the other sets' images.
+    gen_seq, unseen_gen_seq, proc_seq, text_seq, t2i_seq, *crop_seqs = np.random.SeedSequence(seed).spawn(9)
+    proc_rng, text_rng, t2i_rng = (np.random.default_rng(s) for s in (proc_seq, text_seq, t2i_seq))
+    gens = generator_instances(gen_seq, TRAIN_GENERATOR_INSTANCES, artefact_strength)
+    unseen_gens = generator_instances(unseen_gen_seq, HELDOUT_GENERATOR_INSTANCES, artefact_strength)
+    splits = (
+        _DetectionSplit("train", TRAIN_JSON, DEMO_SOURCES, "train", gens, num_train),
+        _DetectionSplit("heldout", HELDOUT_JSON, DEMO_SOURCES, "heldout", gens, num_heldout),
+        _DetectionSplit("heldout_photos", HELDOUT_PHOTOS_JSON, HELDOUT_SOURCES, "all", gens, num_heldout),
+        _DetectionSplit("heldout_generators", HELDOUT_GENERATORS_JSON, DEMO_SOURCES, "heldout", unseen_gens,
+                        num_heldout),
+    )
+    writer = _ImageWriter(root, proc_rng, text_rng)
     counts: dict[str, int] = {}
-    index = {"real": 0, "fake": 0}
-    for split, total in (("train", num_train), ("heldout", num_heldout)):
-        n_real, n_fake = _split_counts(total)
-        counts[f"{split}_real"], counts[f"{split}_fake"] = n_real, n_fake
-        # Sources cycle so both classes see every photo about equally often (content carries no label);
-        # real and fake alternate so that any prefix of a split is balanced.
-        kinds = [(kind, i) for i in range(n_real) for kind in ("real", "fake") if kind == "real" or i < n_fake]
-        for kind, i in kinds:
-            source = DEMO_SOURCES[i % len(DEMO_SOURCES)]
-            crop, record = _draw_crop(crop_rng, source, split, image_size)
-            if kind == "real":
-                pixels, process, label = crop, None, FAKECLUE_REAL
-            else:
-                process = FAKE_PROCESSES[i % len(FAKE_PROCESSES)]
-                pixels, label = make_fake(crop, process, gens, proc_rng), FAKECLUE_FAKE
-            rel = f"images/{kind}/{index[kind]:06d}.png"
-            index[kind] += 1
-            data = _png_bytes(pixels)
-            (root / rel).write_bytes(data)
-            answer = _explanation(label, process, source, text_rng)
-            splits[split].append(fakeclue_entry(rel, label, answer))
-            manifest.append({"image": rel, "label": label, "process": process, **record})
-            if split == "train" and kind == "real":
-                caption = _random_caption(source, text_rng)
-                t2i_rows.append({"image": data, "caption": caption, "key": f"demo-{Path(rel).stem}"})
-
-    train_json, heldout_json = root / TRAIN_JSON, root / HELDOUT_JSON
-    for path, entries in ((train_json, splits["train"]), (heldout_json, splits["heldout"])):
-        path.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+    paths: dict[str, Path] = {}
+    for split, crop_seq in zip(splits, crop_seqs, strict=True):
+        entries = writer.write_split(split, np.random.default_rng(crop_seq), image_size)
+        counts[f"{split.name}_real"], counts[f"{split.name}_fake"] = _split_counts(split.total)
+        paths[split.name] = root / split.json_name
+        paths[split.name].write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
     manifest_path = root / MANIFEST_JSON
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    t2i_path = root / T2I_PARQUET
-    _write_parquet(t2i_path, t2i_rows)
-    counts["t2i"] = len(t2i_rows)
+    manifest_path.write_text(json.dumps(writer.manifest, indent=1) + "\n", encoding="utf-8")
+
+    t2i_paths = {}
+    for band, name, prefix in (("train", T2I_PARQUET, "demo"), ("heldout", T2I_HELDOUT_PARQUET, "demo-heldout")):
+        rows = _t2i_rows(DEMO_SOURCES, band, t2i_per_photo, image_size, t2i_rng, text_rng, prefix)
+        t2i_paths[band] = root / name
+        _write_parquet(t2i_paths[band], rows)
+        counts["t2i" if band == "train" else "t2i_heldout"] = len(rows)
     logger.info("demo data in %s: %s", root, counts)
     return DemoDataset(
         root=root,
         image_root=root,
-        train_json=train_json,
-        heldout_json=heldout_json,
-        t2i_parquet=t2i_path,
+        train_json=paths["train"],
+        heldout_json=paths["heldout"],
+        t2i_parquet=t2i_paths["train"],
         manifest=manifest_path,
         counts=counts,
+        heldout_sets={name: paths[name] for name in ("heldout", "heldout_photos", "heldout_generators")},
+        t2i_heldout_parquet=t2i_paths["heldout"],
     )

@@ -269,7 +269,8 @@ def caption_consistency_features(generated: np.ndarray, generated_photo_ids: Seq
     for pid in dict.fromkeys(generated_photo_ids):
         mask = np.array([g == pid for g in generated_photo_ids])
         per_photo[pid] = {"n": int(mask.sum()), "score": float(hits[mask].mean())}
-    return {"score": float(hits.mean()), "chance": 1.0 / len(known), "n": int(len(hits)), "per_photo": per_photo}
+    return {"score": float(hits.mean()), "chance": 1.0 / len(known), "n": int(len(hits)), "per_photo": per_photo,
+            "matches": [bool(h) for h in hits]}
 
 
 def caption_consistency(generated_images: Sequence[Image.Image], generated_photo_ids: Sequence[Hashable],
@@ -283,7 +284,8 @@ def caption_consistency(generated_images: Sequence[Image.Image], generated_photo
     (``distance="thumbnail"``). Returns ``score`` (the fraction of generated images whose nearest reference
     belongs to the same photo id), ``chance`` (1 / number of distinct reference photo ids: the score of images
     unrelated to their captions when each photo has equally many references), ``n`` (generated images) and
-    ``per_photo`` (``{photo id: {"n": images, "score": fraction}}``, in first-appearance order).
+    ``per_photo`` (``{photo id: {"n": images, "score": fraction}}``, in first-appearance order) and ``matches``
+    (per generated image, whether its nearest reference is of its photo id: for paired comparisons).
     """
     if distance not in CONSISTENCY_DISTANCES:
         raise ValueError(f"distance must be one of {CONSISTENCY_DISTANCES}, got {distance!r}")

@@ -107,12 +107,16 @@ def train_autoencoder(vae: FluxVAE, images: list[torch.Tensor], cfg: Autoencoder
 
 
 @torch.no_grad()
-def psnr(vae: FluxVAE, images: list[torch.Tensor]) -> float:
-    """Mean PSNR (dB, images in [-1, 1] mapped to [0, 1]) of the posterior-mean reconstruction of each image."""
+def psnr(vae: FluxVAE, images: list[torch.Tensor], batch_size: int = 32) -> float:
+    """Mean PSNR (dB, images in [-1, 1] mapped to [0, 1]) of the posterior-mean reconstruction of each image.
+    Images of one size are encoded ``batch_size`` at a time."""
     values = []
-    for image in images:
-        latent = vae.encode(image[None].to(vae.dtype), sample=False)
-        decoded = vae.decode(latent).float().clamp(-1, 1)
-        mse = F.mse_loss((decoded[0] + 1) / 2, (image.float() + 1) / 2).item()
-        values.append(10 * math.log10(1.0 / max(mse, 1e-12)))
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        same_size = len({tuple(img.shape) for img in chunk}) == 1
+        groups = [torch.stack(chunk)] if same_size else [img[None] for img in chunk]
+        for batch in groups:
+            decoded = vae.decode(vae.encode(batch.to(vae.dtype), sample=False)).float().clamp(-1, 1)
+            mse = ((decoded + 1) / 2 - (batch.float() + 1) / 2).pow(2).flatten(1).mean(1)
+            values += [10 * math.log10(1.0 / max(float(m), 1e-12)) for m in mse]
     return sum(values) / len(values)
