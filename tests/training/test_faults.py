@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -212,9 +213,9 @@ def test_non_finite_loss_skips_steps_then_stops_without_export(tmp_path, driver,
 
 
 @pytest.mark.parametrize("guard, message", [
-    ("guard.max_consecutive_skips=3", "3 optimizer steps in a row were skipped (last loss 1.22e+09, gradient norm inf) "
-                                      "(guard.max_consecutive_skips=3)"),
-    ("guard.loss_spike_warmup=1", "x the median 10.91 of the last 1 applied steps (guard.loss_spike_factor=10)"),
+    ("guard.max_consecutive_skips=3", r"3 optimizer steps in a row were skipped \(last loss [0-9.e+]+, gradient norm "
+                                      r"inf\) \(guard.max_consecutive_skips=3\)"),
+    ("guard.loss_spike_warmup=1", r"x the median [0-9.]+ of the last 1 applied steps \(guard.loss_spike_factor=10\)"),
 ])
 def test_divergence_stops_the_run_without_export(tmp_path, driver, demo, guard, message):
     """lr=1000: after one huge update the gradient norm is inf every step (DeepSpeed's own overflow skip, counted
@@ -222,7 +223,7 @@ def test_divergence_stops_the_run_without_export(tmp_path, driver, demo, guard, 
     ckpt = tmp_path / "ckpt"
     run = train(driver, ckpt, demo, ["total_steps=20", "checkpoint.interval=2", "optim.lr=1000", guard], expect=(1,))
     out = run.output()
-    assert "training stopped at step" in out and message in out
+    assert "training stopped at step" in out and re.search(message, out), out[-2000:]
     assert not (ckpt / "final").exists()
     assert len(metrics(ckpt)) < 20
 

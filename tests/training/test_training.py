@@ -44,7 +44,7 @@ def data_overrides(demo, detection: bool = True) -> list[str]:
             f"data.sources.fakeclue.image_root={demo.image_root}", *t2i]
 
 
-def run_training(ckpt_dir: Path, demo, nproc: int, overrides: list[str], timeout: int = 240,
+def run_training(ckpt_dir: Path, demo, nproc: int, overrides: list[str], timeout: int = 480,
                  entry: list[str] | None = None, recipe: Path = TINY_RECIPE) -> list[dict]:
     entry = entry or ["-m", "unigendet.cli", "train"]
     args = [*entry, "--config", str(recipe), *data_overrides(demo, detection=recipe != DIGA_RECIPE),
@@ -52,8 +52,9 @@ def run_training(ckpt_dir: Path, demo, nproc: int, overrides: list[str], timeout
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", *args]
+        # --standalone: the launcher binds its rendezvous port itself (port 0), so tests started side by side cannot
+        # pick the same "free" port and wait on each other until the timeout.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
