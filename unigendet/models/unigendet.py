@@ -297,6 +297,17 @@ class UniGenDet(nn.Module):
             "format": FORMAT_TAG, "model": to_dict(self.config)}, indent=2))
         save_sharded(state, directory, "model", max_shard_size)
 
+    @staticmethod
+    def read_config(directory: Path, **overrides) -> ModelConfig:
+        """The model config of a local ``save_pretrained`` directory, ``overrides`` applied (see ``from_pretrained``)."""
+        config_path = Path(directory) / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a unigendet checkpoint directory?")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT_TAG and meta.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{config_path} is not a unigendet config (model_type={meta.get('model_type')!r})")
+        return from_dict(ModelConfig, {**meta["model"], **overrides})
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
                         revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -306,13 +317,7 @@ class UniGenDet(nn.Module):
         ``overrides`` replace top-level config fields that do not change weights (e.g. ``attn_backend="flex"``).
         Floating parameters are cast to ``dtype`` while they are adopted (no second full-size copy)."""
         directory = resolve_model_dir(directory, revision)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a unigendet checkpoint directory?")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != FORMAT_TAG and meta.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"{config_path} is not a unigendet config (model_type={meta.get('model_type')!r})")
-        config = from_dict(ModelConfig, {**meta["model"], **overrides})
+        config = cls.read_config(directory, **overrides)
         model = cls.without_weights(config)
         state = load_sharded(directory, "model", device=str(map_location))
         if not config.diga_projector and any(k.startswith("diga_projector.") for k in state):

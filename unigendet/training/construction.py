@@ -28,7 +28,6 @@ run builds in full (``resolve_construction``).
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -37,10 +36,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from unigendet.config.loader import ConfigError, from_dict
+from unigendet.config.loader import ConfigError
 from unigendet.models.config import ModelConfig
 from unigendet.models.mot import GEN_SUFFIX
-from unigendet.models.unigendet import CONFIG_NAME, FORMAT_TAG, MODEL_TYPE, OPTIONAL_HEADS, UniGenDet, _generic_init
+from unigendet.models.unigendet import OPTIONAL_HEADS, UniGenDet, _generic_init
 from unigendet.models.vae import FluxVAE
 from unigendet.utils.state_dict import format_key_problems
 
@@ -265,13 +264,7 @@ def _export_plan(directory: Path, overrides: dict[str, Any]) -> tuple[ModelConfi
 
     from unigendet.checkpoint.bagel import locate_safetensors_keys
 
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is it a unigendet checkpoint directory?")
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") != FORMAT_TAG and meta.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{config_path} is not a unigendet config (model_type={meta.get('model_type')!r})")
-    config = from_dict(ModelConfig, {**meta["model"], **overrides})
+    config = UniGenDet.read_config(directory, **overrides)
     located = locate_safetensors_keys(directory)
     shapes = {}
     for file in dict.fromkeys(located.values()):
