@@ -12,12 +12,11 @@ import math
 import pytest
 import torch
 from helpers import tiny_config
+from helpers.inference_models import SMALL_VAE, SMALL_VIT, write_model_directory
 from PIL import Image
 
 import unigendet.models.mot as mot
-from unigendet.checkpoint.export import save_model_directory
 from unigendet.config.loader import ConfigError
-from unigendet.data.transforms import ImageTransform
 from unigendet.evaluation.detectors import DetectorSource
 from unigendet.inference.detect import DetectorPreprocessing, UniGenDetDetector
 from unigendet.inference.device_map import (
@@ -37,8 +36,6 @@ from unigendet.models.unigendet import UniGenDet
 from unigendet.models.vae import FluxVAE
 
 CFG = tiny_config(**{"llm.num_hidden_layers": 4})
-SMALL_VIT = ImageTransform(56, 28, 14, 10**6)
-SMALL_VAE = ImageTransform(64, 32, 16, 10**6)
 GPU0, GPU1, GPU2 = (torch.device("cuda", i) for i in range(3))
 CPU = torch.device("cpu")
 # Every layer on the CPU, but in two runs: the split code path (per-layer hops, per-layer cache devices) on CPU.
@@ -279,14 +276,7 @@ def test_split_generation_equals_unsplit(model, vae, tokenizer, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, model, vae, tokenizer):
-    import yaml
-
-    directory = tmp_path_factory.mktemp("device_map") / "model"
-    save_model_directory(directory, model, model.state_dict(), vae, tokenizer)
-    t = lambda tr: {"max_size": tr.max_size, "min_size": tr.min_size, "stride": tr.stride, "max_pixels": tr.max_pixels}
-    (directory / "train_config.yaml").write_text(yaml.safe_dump(
-        {"data": {"vit_transform": t(SMALL_VIT), "vae_transform": t(SMALL_VAE), "smsa": True}}))
-    return directory
+    return write_model_directory(tmp_path_factory.mktemp("device_map") / "model", model, vae, tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 from helpers import SPECIAL, builder, rand_ids, tiny_config
+from helpers.inference_models import SMALL_VAE, SMALL_VIT, write_model_directory
 from PIL import Image
 
 from unigendet.data.packing import TextItem, VAEImage, detection_sample
-from unigendet.data.transforms import ImageTransform
 from unigendet.inference.cache import KVCache
 from unigendet.inference.cached_forward import CachedForward
 from unigendet.inference.detect import (
@@ -33,8 +33,6 @@ from unigendet.models.unigendet import UniGenDet
 from unigendet.models.vae import FluxVAE
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-SMALL_VIT = ImageTransform(56, 28, 14, 10**6)
-SMALL_VAE = ImageTransform(64, 32, 16, 10**6)
 
 
 def _model(cfg, seed=0):
@@ -451,16 +449,7 @@ def test_cfg_context_branches_and_image_unconditional_sampling(model):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, model, vae, tokenizer):
-    import yaml
-
-    from unigendet.checkpoint.export import save_model_directory
-
-    directory = tmp_path_factory.mktemp("export") / "model"
-    save_model_directory(directory, model, model.state_dict(), vae, tokenizer)
-    t = lambda tr: {"max_size": tr.max_size, "min_size": tr.min_size, "stride": tr.stride, "max_pixels": tr.max_pixels}
-    (directory / "train_config.yaml").write_text(yaml.safe_dump(
-        {"data": {"vit_transform": t(SMALL_VIT), "vae_transform": t(SMALL_VAE), "smsa": True}}))
-    return directory
+    return write_model_directory(tmp_path_factory.mktemp("export") / "model", model, vae, tokenizer)
 
 
 def test_cli_detect(model_dir, tmp_path, capsys, detector):
