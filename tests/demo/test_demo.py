@@ -14,11 +14,12 @@ from unigendet.utils.images import image_grid  # noqa: E402
 
 @pytest.mark.slow
 def test_demo_chain_runs_every_stage_and_reports(tmp_path):
-    s = DemoSettings(steps=6, diga_steps=2, rounds=2, later_gduf_steps=2, vae_steps=4, num_train=16, num_heldout=8,
-                     t2i_per_photo=1, samples_per_caption=1, sampling_steps=3, explain_tokens=3, baseline_steps=2)
+    s = DemoSettings(steps=6, diga_steps=2, rounds=2, later_gduf_steps=2, vae_steps=4, pretrain_steps=2, num_train=16,
+                     num_heldout=8, t2i_per_photo=1, samples_per_caption=1, sampling_steps=3, explain_tokens=3, baseline_steps=2)
     report = run_demo(tmp_path, s, overrides=["logging.interval=1", "checkpoint.interval=100"],
                       diga_overrides=["logging.interval=1", "checkpoint.interval=100"])
     assert (tmp_path / "vae" / "ae.safetensors").is_file() and not report["vae"]["cached"]
+    assert (tmp_path / "base" / "final").is_dir() and report["generator"]["steps"] == 2  # round 1 starts from it
     for r in (1, 2):
         for run in ("gduf", "diga"):
             assert (tmp_path / "rounds" / f"round{r}" / run / "final" / "model.safetensors").is_file()

@@ -204,6 +204,16 @@ def test_heldout_photos_and_generators_are_unseen(dataset):
         assert used == {(p, k) for p in demo_data.FAKE_PROCESSES for k in range(count)}, name
     gen_sets = {r["set"] for r in records if r["process"] is not None}
     assert gen_sets == {"train", "heldout", "heldout_photos", "heldout_generators"}
+    # Photograph and process are not confounded: each unseen photograph's fakes come from every family.
+    for source in photo_sources:
+        processes = {r["process"] for r in fakes if r["set"] == "heldout_photos" and r["source"] == source}
+        assert processes == set(demo_data.FAKE_PROCESSES), source
+
+
+def test_fake_process_meets_every_photograph():
+    for num_sources in (1, 2, 3, 6, 13):
+        pairs = {(i % num_sources, demo_data.fake_process(i, num_sources)) for i in range(3 * num_sources)}
+        assert len(pairs) == 3 * num_sources, num_sources
 
 
 def test_gray_sources_stay_gray(dataset):

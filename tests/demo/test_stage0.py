@@ -55,3 +55,33 @@ def test_the_trained_weights_load_with_the_normalisation(tmp_path):
     images = torch.stack([_image_tensor(b) for b in stage0_images(data)[0]])
     latents = vae.encode(images, sample=False)
     assert abs(float(latents.mean())) < 1e-4 and float(latents.std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_generator_pretraining_trains_flow_matching_only_and_reuses_its_cache(tmp_path):
+    from unigendet.demo.run import PRETRAIN_RECIPE, stage2_overrides
+    from unigendet.demo.stage0 import GENERATOR_META_NAME, pretrain_generator
+    from unigendet.models.unigendet import UniGenDet
+
+    data = make_demo_dataset(tmp_path / "data", num_train=6, num_heldout=2, image_size=64, seed=2, t2i_per_photo=2)
+    vae = train_stage0_vae(data, tmp_path / "vae", _demo_vae_config(), AutoencoderTrainConfig(steps=2, batch_size=2))
+    overrides = [*stage2_overrides(data, 12, 0), "logging.interval=1", "optim.warmup_steps=1", "optim.lr=3e-3"]
+    first = pretrain_generator(PRETRAIN_RECIPE, overrides, tmp_path / "base", vae)
+    assert not first.cached and first.steps == 12
+    assert first.mse[1] < first.mse[0]  # the velocity loss fell
+    model = UniGenDet.from_pretrained(first.path)  # a complete export, the autoencoder's factors included
+    assert model.config.vae.scaling_factor == vae.scaling_factor
+    assert dict(o.split("=", 1) for o in first.init_overrides())["init.path"] == str(first.path)
+
+    again = pretrain_generator(PRETRAIN_RECIPE, overrides, tmp_path / "base", vae)
+    assert again.cached and again.mse == first.mse
+    other = pretrain_generator(PRETRAIN_RECIPE, [*overrides, "optim.lr=1e-3"], tmp_path / "base", vae)
+    assert not other.cached
+    assert json.loads((tmp_path / "base" / GENERATOR_META_NAME).read_text())["mse"] == list(other.mse)
+
+
+def _demo_vae_config():
+    from unigendet.config.loader import load_config
+    from unigendet.demo.run import MODEL_RECIPE
+    from unigendet.models.config import ModelConfig
+
+    return load_config(ModelConfig, str(MODEL_RECIPE)).vae

@@ -33,7 +33,7 @@ def test_compiled_layers_equal_eager(mixed_samples):
     batch = builder(cfg).build(mixed_samples)
     counters["stats"].clear()
     lat = prepare_latents(batch, FluxVAE(cfg.vae), cfg.latent_patch_size, torch.Generator().manual_seed(0))
-    for granularity in (None, "layer", "sublayer"):
+    for granularity in (None, "layer", "sublayer", "nested"):
         for model in (eager, compiled):
             model.set_activation_checkpointing(granularity is not None, granularity or "layer")
         loss_e, grads_e = _loss_and_grads(eager, batch, lat)

@@ -167,8 +167,13 @@ def test_varlen_decomposition_gives_the_same_outputs(cfg, mixed_samples):
     torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("granularity", ["layer", "sublayer"])
-def test_activation_checkpointing_same_loss_and_grads(cfg, mixed_samples, granularity):
+@pytest.mark.parametrize("granularity", ["layer", "sublayer", "nested", "nested_small_chunks"])
+def test_activation_checkpointing_same_loss_and_grads(cfg, mixed_samples, granularity, monkeypatch):
+    if granularity == "nested_small_chunks":  # several MLP chunks per expert, the last one shorter
+        from unigendet.models import mot
+
+        monkeypatch.setattr(mot, "NESTED_MLP_CHUNK_TOKENS", 7)
+        granularity = "nested"
     vae = _vae(cfg)
     batch = builder(cfg).build(mixed_samples)
     results = []
@@ -205,7 +210,7 @@ def test_a_layer_is_its_attention_half_then_its_mlp_half(cfg, mixed_samples):
     torch.testing.assert_close(whole, halves, atol=1e-6, rtol=1e-6)
     kept = {}
     lat = _latents(cfg, _vae(cfg), batch)
-    for granularity in ("layer", "sublayer"):
+    for granularity in ("layer", "sublayer", "nested"):
         model.train().set_activation_checkpointing(True, granularity)
         meter = _SavedTensorMeter(model)
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
@@ -213,7 +218,8 @@ def test_a_layer_is_its_attention_half_then_its_mlp_half(cfg, mixed_samples):
         kept[granularity] = meter.float_elems
     extra = (kept["sublayer"] - kept["layer"]) / (batch.sequence_length * cfg.llm.hidden_size)
     assert extra == pytest.approx(cfg.llm.num_hidden_layers, rel=0.05)  # one more [L, D] input per layer
-    with pytest.raises(ValueError, match="granularity must be 'layer' or 'sublayer'"):
+    assert kept["nested"] == kept["layer"]  # the halves' checkpoints exist only while a layer is recomputed
+    with pytest.raises(ValueError, match="granularity must be one of"):
         model.set_activation_checkpointing(True, "block")
 
 

@@ -523,6 +523,14 @@ def _split_counts(total: int) -> tuple[int, int]:
     return total - fake, fake
 
 
+def fake_process(i: int, num_sources: int) -> str:
+    """The process of a split's ``i``-th fake, whose photograph is ``i % num_sources``: the photograph's index plus
+    the number of times the photographs have wrapped around, so each photograph's fakes cycle through every process
+    whatever the number of photographs (with ``i % 3`` alone, the three held-out photographs would each have had a
+    single process, and a per-photo score would have been a per-process one)."""
+    return FAKE_PROCESSES[(i % num_sources + i // num_sources) % len(FAKE_PROCESSES)]
+
+
 @dataclass(frozen=True)
 class _DetectionSplit:
     """One detection set: which photographs, which band of them, which generator instances."""
@@ -549,14 +557,16 @@ class _ImageWriter:
         # fake alternate so that any prefix of a split is balanced.
         kinds = [(kind, i) for i in range(n_real) for kind in ("real", "fake") if kind == "real" or i < n_fake]
         entries = []
+        made = dict.fromkeys(FAKE_PROCESSES, 0)
         for kind, i in kinds:
             source = split.sources[i % len(split.sources)]
             crop, record = _draw_crop(crop_rng, source, split.band, size)
             if kind == "real":
                 pixels, process, label = crop, None, FAKECLUE_REAL
             else:
-                process = FAKE_PROCESSES[i % len(FAKE_PROCESSES)]
-                instance = (i // len(FAKE_PROCESSES)) % len(split.generators)  # every family cycles its instances
+                process = fake_process(i, len(split.sources))
+                instance = made[process] % len(split.generators)  # every family cycles its instances
+                made[process] += 1
                 pixels, label = make_fake(crop, process, split.generators[instance], self.proc_rng), FAKECLUE_FAKE
                 record["instance"] = instance
             rel = f"images/{kind}/{self.index[kind]:06d}.png"

@@ -191,7 +191,10 @@ class MoTDecoder(nn.Module):
         self.rotary_emb = Qwen2RotaryEmbedding(hf_config)
         self.activation_checkpointing = False
         # "layer": recompute whole layers in backward; "sublayer": the attention and MLP halves separately (each
-        # keeps its input, twice the saved tensors, but backward recomputes only half a layer at a time).
+        # keeps its input, twice the saved tensors, but backward recomputes only half a layer at a time);
+        # "nested": keep only each layer's input like "layer", and let the layer's recomputation itself checkpoint
+        # its halves, the MLP in token chunks (the lowest peak: a recomputed attention half or one MLP chunk,
+        # for one extra forward of the attention half per layer).
         self.checkpoint_granularity = "layer"
         # Set by an inference device map (``unigendet.inference.device_map``): the device of each layer. The layer
         # loop then moves the residual stream and the per-token tensors to each layer's device, and to the final
@@ -247,7 +250,10 @@ class MoTDecoder(nn.Module):
                 # for every pack); the layer module is an argument, so all layers share the compiled code.
                 layer_attend = torch.compiler.disable(layer_attend)
                 run = {name: functools.partial(fn, layer) for name, fn in compiled.items()}
-            if checkpointing and self.checkpoint_granularity == "sublayer":
+            if checkpointing and self.checkpoint_granularity == "nested":
+                und, gen = checkpoint(_nested_layer, layer, run["attention_experts"], und, gen, routing, cos, sin, layer_attend,
+                                      use_reentrant=False)
+            elif checkpointing and self.checkpoint_granularity == "sublayer":
                 und, gen = checkpoint(run["attention_experts"], und, gen, routing, cos, sin, layer_attend,
                                       use_reentrant=False)
                 und, gen = checkpoint(run["mlp_experts"], und, gen, routing, use_reentrant=False)
@@ -265,6 +271,35 @@ class MoTDecoder(nn.Module):
 
 
 COMPILE_MODES = ("none", "layer")
+CHECKPOINT_GRANULARITIES = ("layer", "sublayer", "nested")
+# Tokens per MLP chunk under "nested" checkpointing: the MLP is token-wise, so its recomputation (and its
+# intermediate activations, the widest of a layer) can run a slice of the pack at a time.
+NESTED_MLP_CHUNK_TOKENS = 1024
+
+
+def _nested_layer(layer: "MoTDecoderLayer", attention_experts, und: torch.Tensor, gen: torch.Tensor | None,
+                  routing: Routing, cos, sin, attend):
+    """One decoder layer whose halves are checkpointed inside the layer's own checkpoint: when backward
+    recomputes the layer, only the attention half's output is kept, and each half is recomputed again on its
+    own (the MLP half in token chunks of each expert). ``attention_experts`` is the layer's attention half
+    (eager or compiled)."""
+    und, gen = checkpoint(attention_experts, und, gen, routing, cos, sin, attend, use_reentrant=False)
+    und = _chunked_residual_mlp(layer.mlp, layer.post_attention_layernorm, und)
+    if routing.mixed:
+        gen = _chunked_residual_mlp(layer._gen("mlp", layer.mlp_suffix),
+                                    layer._gen("post_attention_layernorm", layer.norm_suffix), gen)
+    return und, gen
+
+
+def _residual_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x + mlp(norm(x))
+
+
+def _chunked_residual_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x + mlp(norm(x))``, each chunk of tokens checkpointed on its own."""
+    chunks = [checkpoint(_residual_mlp, mlp, norm, part, use_reentrant=False)
+              for part in x.split(NESTED_MLP_CHUNK_TOKENS)]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 _LAYER_FUNCTIONS = ("forward_experts", "attention_experts", "mlp_experts")
 
 

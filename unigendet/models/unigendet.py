@@ -27,7 +27,7 @@ from unigendet.models.bridges import (
     TimestepEmbedder,
 )
 from unigendet.models.config import ModelConfig
-from unigendet.models.mot import GEN_SUFFIX, MoTLanguageModel, Routing
+from unigendet.models.mot import CHECKPOINT_GRANULARITIES, GEN_SUFFIX, MoTLanguageModel, Routing
 from unigendet.models.siglip import SiglipNaViT
 from unigendet.ops.attention import build_attention
 from unigendet.utils.hub import resolve_model_dir
@@ -175,8 +175,8 @@ class UniGenDet(nn.Module):
     def set_activation_checkpointing(self, enabled: bool, granularity: str = "layer") -> None:
         """Recompute activations in backward instead of keeping them: decoder ``layer``s whole, or their attention
         and MLP halves (``sublayer``: a lower backward peak, for longer packs); the ViT per layer either way."""
-        if granularity not in ("layer", "sublayer"):
-            raise ValueError(f"granularity must be 'layer' or 'sublayer', got {granularity!r}")
+        if granularity not in CHECKPOINT_GRANULARITIES:
+            raise ValueError(f"granularity must be one of {CHECKPOINT_GRANULARITIES}, got {granularity!r}")
         self.language_model.model.activation_checkpointing = enabled
         self.language_model.model.checkpoint_granularity = granularity
         if self.config.visual_und:

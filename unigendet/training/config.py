@@ -78,9 +78,11 @@ class TrainConfig:
     total_steps: int = 1000
     seed: int = 4396
     activation_checkpointing: bool = False
-    # With activation_checkpointing: recompute whole decoder layers ("layer") or their attention and MLP halves
-    # ("sublayer": twice the kept layer inputs, half the recomputation peak; longer packs fit).
-    checkpoint_granularity: Literal["layer", "sublayer"] = "layer"
+    # With activation_checkpointing: recompute whole decoder layers ("layer"), their attention and MLP halves
+    # ("sublayer": twice the kept layer inputs, half the recomputation peak), or whole layers whose recomputation
+    # checkpoints its halves, the MLP in token chunks ("nested": the inputs "layer" keeps, the lowest peak, one
+    # more forward of each attention half; the longest packs fit).
+    checkpoint_granularity: Literal["layer", "sublayer", "nested"] = "layer"
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     @property
