@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +17,6 @@ from PIL import Image
 
 from unigendet.cli import main
 from unigendet.detectors.base import load_detector
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -46,7 +38,7 @@ def genimage(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_cli_train_on_two_ranks_with_latent_cache_then_eval_compare(tmp_path, genimage, capsys):
     ckpt, cache = tmp_path / "craft", tmp_path / "latents"
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "unigendet.cli", "train", "--config", str(REPO / "configs/train/craft_tiny.yaml"),
             f"images.root={genimage}", f"checkpoint.dir={ckpt}", f"detector.cache_dir={cache}", "total_steps=2",
             "checkpoint.interval=2", "logging.interval=1", "logging.progress_bar=never", "images.num_workers=0",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,18 +96,12 @@ if rank() == 0:
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_driver(tmp_path: Path, *args: str, timeout: int = 300, env: dict[str, str] | None = None) -> dict:
     """The driver on 2 CPU ranks; rank 0's JSON report."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     out = tmp_path / f"report-{args[0]}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(driver), args[0], str(out), *args[1:]]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            **(env or {})}
@@ -261,7 +254,7 @@ def _train(ckpt: Path, demo, construction: str, extra: list[str]) -> tuple[list[
             f"data.sources.t2i.data_files=[{demo.t2i_parquet}]", f"checkpoint.dir={ckpt}", "logging.interval=1",
             "logging.progress_bar=never", "deepspeed.zero_stage=3", f"init.construction={construction}",
             "total_steps=3", "optim.warmup_steps=0", "checkpoint.interval=100", "data.num_workers=0", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,12 +45,6 @@ Path(out).write_text(json.dumps({"own": own, "loaded": loaded}))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _image(rng: np.random.Generator, fake: bool, size: int = 36) -> Image.Image:
     """Smooth colour noise; fakes carry an 8-pixel grid and a warmer tint (learnable by every detector)."""
     coarse = rng.uniform(0, 255, (size // 6, size // 6, 3))
@@ -79,7 +72,7 @@ def run_cli(recipe: str, genimage: Path, ckpt: Path, overrides: list[str], nproc
     """``unigendet train --config configs/train/<recipe>``; returns (metrics.jsonl entries, stderr)."""
     args = ["-m", "unigendet.cli", "train", "--config", str(TRAIN / recipe), *_common(genimage, ckpt), *overrides]
     if nproc > 1:
-        args = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", *args]
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
