@@ -23,11 +23,17 @@ if [ ! -f "$STAMP" ]; then
 fi
 
 export PATH="$PWD/$VENV/bin:$PATH"
+# DeepSpeed compiles its CPU communication op on first use into TORCH_EXTENSIONS_DIR. A directory per environment:
+# the default (~/.cache) is shared by every checkout, each rebuilds it for its own include paths, and a rebuild
+# racing another process's load aborted 2-rank tests ("terminate called without an active exception").
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
 cmd=${1:-test}
 shift || true
 case "$cmd" in
   demo)  exec unigendet demo "$@" ;;
-  test)  exec python -m pytest -q -n 2 "$@" ;;
+  test)  # Built once before the tests start, so that the test processes only load it.
+         DS_ACCELERATOR=cpu python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+         exec python -m pytest -q -n 2 "$@" ;;
   bench) exec python benchmarks/train_step.py "$@" ;;
   *)     exec "$cmd" "$@" ;;
 esac
