@@ -311,9 +311,11 @@ def run_coevolve_command(cfg) -> None:
 
 
 def run_train_command(cfg) -> None:
+    from unigendet.distributed import close_process_group
     from unigendet.training.trainer import Trainer
 
     Trainer(cfg).train()
+    close_process_group()  # every rank leaves together (see close_process_group)
 
 
 # --------------------------------------------------------------------------------------------------

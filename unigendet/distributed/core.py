@@ -100,6 +100,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close_process_group() -> None:
+    """Wait for every rank, then tear the process group down. Called before a multi-rank process exits: a rank
+    that exits while a peer still holds the group open closes its sockets under the peer's communication threads,
+    which on CPU (gloo) aborted the peer ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy; the input is untouched)."""
     if world_size() == 1:
