@@ -24,8 +24,8 @@ fi
 
 export PATH="$PWD/$VENV/bin:$PATH"
 # DeepSpeed compiles its CPU communication op on first use into TORCH_EXTENSIONS_DIR. A directory per environment:
-# the default (~/.cache) is shared by every checkout, each rebuilds it for its own include paths, and a rebuild
-# racing another process's load aborted 2-rank tests ("terminate called without an active exception").
+# the default (~/.cache) is shared by every checkout, and each rebuilt it for its own include paths while other
+# checkouts' processes were loading it.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
 cmd=${1:-test}
 shift || true
