@@ -14,9 +14,10 @@ settings, so a second run with the same data reuses the weights and any change r
 
 The paper starts from BAGEL, a model that can already draw what a caption names; GDUF and DIGA refine it. The demo's
 model starts from random weights, and GDUF's share of text-to-image samples alone leaves it drawing colour and
-texture but not the photographs' layout. So stage 0 also pretrains the whole model on text-to-image flow matching
-(:func:`pretrain_generator`, the ``train/t2i_pretrain_demo.yaml`` recipe), cached the same way: by the resolved
-training config, the autoencoder's weights and the captioned views' bytes.
+texture but not the photographs' layout. So stage 0 can also pretrain the whole model on text-to-image flow matching
+(:func:`pretrain_generator`, the ``train/t2i_pretrain_demo.yaml`` recipe; off by default, because GDUF's detection
+loss then stopped learning), cached the same way: by the resolved training config, the autoencoder's weights and the
+captioned views' bytes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,6 +39,7 @@ from unigendet.data.paths import expand_data_files
 from unigendet.models.config import VAEConfig
 from unigendet.models.vae import FluxVAE
 from unigendet.training.autoencoder import AutoencoderTrainConfig, psnr, train_autoencoder
+from unigendet.utils.fingerprint import hash_file
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +180,6 @@ class GeneratorStage:
         return ["init.kind=unigendet", f"init.path={self.path}", "init.tokenizer=null"]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def generator_cache_key(cfg, vae: VAEStage, t2i_files: list[str]) -> str:
     """Hash of the resolved training config (its checkpoint directory aside), the autoencoder's weights and the
     text-to-image data files."""
@@ -192,17 +187,15 @@ def generator_cache_key(cfg, vae: VAEStage, t2i_files: list[str]) -> str:
     settings.pop("checkpoint", None)
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "config": settings}, sort_keys=True,
                                        default=str).encode())
-    digest.update(_file_digest(vae.path).encode())
+    digest.update(hash_file(Path(vae.path)).encode())
     for name in t2i_files:
-        digest.update(_file_digest(Path(name)).encode())
+        digest.update(hash_file(Path(name)).encode())
     return digest.hexdigest()
 
 
 def pretrain_generator(recipe: str | Path, overrides: list[str], out_dir: str | Path, vae: VAEStage
                        ) -> GeneratorStage:
     """Train (or reuse from ``out_dir``) the text-to-image recipe with ``vae``; its export is ``out_dir/final``."""
-    import shutil
-
     from unigendet.training.config import load_train_config
     from unigendet.training.trainer import Trainer
 

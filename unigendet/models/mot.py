@@ -161,9 +161,10 @@ class MoTDecoderLayer(nn.Module):
 
     def mlp_experts(self, und: torch.Tensor, gen: torch.Tensor | None, routing: Routing):
         """The layer's second half: each expert's normed MLP added to its residual stream."""
-        und = und + self.mlp(self.post_attention_layernorm(und))
+        und = _residual_mlp(self.mlp, self.post_attention_layernorm, und)
         if routing.mixed:
-            gen = gen + self._gen("mlp", self.mlp_suffix)(self._gen("post_attention_layernorm", self.norm_suffix)(gen))
+            gen = _residual_mlp(self._gen("mlp", self.mlp_suffix),
+                                self._gen("post_attention_layernorm", self.norm_suffix), gen)
         return und, gen
 
     def attention_block(self, hidden: torch.Tensor, routing: Routing, cos, sin, attend) -> torch.Tensor:
@@ -251,8 +252,8 @@ class MoTDecoder(nn.Module):
                 layer_attend = torch.compiler.disable(layer_attend)
                 run = {name: functools.partial(fn, layer) for name, fn in compiled.items()}
             if checkpointing and self.checkpoint_granularity == "nested":
-                und, gen = checkpoint(_nested_layer, layer, run["attention_experts"], und, gen, routing, cos, sin, layer_attend,
-                                      use_reentrant=False)
+                und, gen = checkpoint(_nested_layer, layer, run["attention_experts"], und, gen, routing, cos, sin,
+                                      layer_attend, use_reentrant=False)
             elif checkpointing and self.checkpoint_granularity == "sublayer":
                 und, gen = checkpoint(run["attention_experts"], und, gen, routing, cos, sin, layer_attend,
                                       use_reentrant=False)
