@@ -1,7 +1,7 @@
 """One prepared GPU check: attention kernels against SDPA, a bf16 training step against fp32, and the
 training-step benchmark on a 4-layer slice of BAGEL-7B. Prints one summary table.
 
-    python benchmarks/gpu_check.py --json gpu_check.json             # one CUDA GPU, well under 8 minutes
+    python benchmarks/gpu_check.py --json gpu_check.json             # one CUDA GPU, about 6 minutes
     python benchmarks/gpu_check.py --dry-run --json gpu_check_dry.json    # the same code paths on CPU, tiny, fp32
 
 The dry run (seconds, for CI) uses the tiny geometry, fp32 candidates against an fp64 reference, bf16
@@ -14,7 +14,6 @@ Checks, in order (``--checks`` picks a subset):
   backend on a 16K-token pack of SMSA detection and text-to-image samples laid out by the packer, at
   BAGEL-7B's attention geometry (28 query heads, 4 KV heads, head dim 128), bf16, output and the input
   gradients dq/dk/dv for one fixed upstream gradient.
-- ``flex``: the ``flex`` backend (compiled ``flex_attention`` with one BlockMask), same comparison.
 - ``varlen-ref``: the split decomposition with the pure-PyTorch stand-in kernel, same comparison. It
   separates a decomposition error from a kernel error when ``flash`` fails, and is what exercises the
   comparison code on CPU.
@@ -26,6 +25,12 @@ Checks, in order (``--checks`` picks a subset):
   and a row checking that activation checkpointing lowers peak memory. The backend is flash when
   flash-attn imports, else sdpa (``--bench-backend`` forces one); if the automatically chosen flash
   fails, that is an ERROR row and the figures are measured with sdpa in the same run.
+- ``flex``: the ``flex`` backend (compiled ``flex_attention`` with one BlockMask), same comparison as
+  ``flash``. Last, because it compiles its forward and backward kernels first and is the slowest to start.
+
+On a GPU each check runs in its own process (``--check-timeout-s``, 240 s by default): a check still running at
+its timeout prints every thread's Python stack to stderr, is stopped with its process group, and becomes an
+ERROR row; the next check still runs. The dry run keeps every check in one process unless asked otherwise.
 
 Tolerances (``--tolerance-scale`` multiplies all of them; 0 forces failures, for testing the exit path):
 
@@ -55,10 +60,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import faulthandler
 import gc
 import io
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -95,7 +104,15 @@ from unigendet.profiling.random_packs import synthetic_pack
 REPO = Path(__file__).resolve().parents[1]
 BAGEL = REPO / "configs/model/bagel-7b-mot.yaml"
 TINY = REPO / "configs/model/tiny.yaml"
-CHECKS = ("flash", "flex", "varlen-ref", "precision", "bench")
+# Compiled flex runs last: it compiles forward and backward kernels before its first step, and on its first H200 run
+# it had not finished after 390 s, which then left no time for the checks behind it.
+CHECKS = ("flash", "varlen-ref", "precision", "bench", "flex")
+# Each check runs in its own process on a GPU: a check that hangs (a compile that never ends, a stuck kernel) is
+# stopped after this many seconds, its Python stacks printed, and becomes an ERROR row; the others still run.
+GPU_CHECK_TIMEOUT_S = 240.0
+# Extra time the parent waits beyond the child's own deadline before killing its process group outright.
+KILL_GRACE_S = 60.0
+CHILD_MARKER = "[gpu_check child outcome] "
 # Samples are added until the target is reached: at 512 px this gives 16,200 tokens (5 SMSA detection
 # and 4 text-to-image samples), the closest whole-sample pack to 16K.
 PACK_TOKENS = 16000
@@ -496,6 +513,66 @@ def guarded(check: GPUCheck, name: str, started: float, budget_s: float) -> Chec
     return CheckOutcome(name, rows, seconds)
 
 
+def child_command(name: str, args: argparse.Namespace) -> list[str]:
+    """The command that runs one check of this invocation in a fresh process."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-check", name,
+           "--tolerance-scale", repr(args.tolerance_scale), "--bench-backend", args.bench_backend,
+           "--check-timeout-s", repr(args.check_timeout_s)]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    if args.hang:
+        cmd += ["--hang", args.hang]
+    return cmd
+
+
+def outcome_from_dict(d: dict) -> CheckOutcome:
+    return CheckOutcome(d["check"], [Row(**r) for r in d["rows"]], d["seconds"])
+
+
+def isolated(name: str, args: argparse.Namespace, started: float) -> CheckOutcome:
+    """Run one check in a child process (its own session, so compile workers die with it). The child prints its
+    Python stacks and exits once the check has run for ``--check-timeout-s``; a child that does not even manage
+    that is killed ``KILL_GRACE_S`` later. Either way the check is an ERROR row and the next check runs."""
+    t0 = time.perf_counter()
+    if t0 - started > args.budget_s:
+        return CheckOutcome(name, [Row(name, "-", "-", SKIP, f"time budget of {args.budget_s:.0f} s spent")], 0.0)
+    proc = subprocess.Popen(child_command(name, args), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=args.check_timeout_s + KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+    seconds = time.perf_counter() - t0
+    marker = [line for line in stdout.splitlines() if line.startswith(CHILD_MARKER)]
+    other = "\n".join(line for line in stdout.splitlines() if not line.startswith(CHILD_MARKER))
+    if other:
+        print(other, file=sys.stderr, flush=True)
+    if proc.returncode == 0 and marker:
+        return outcome_from_dict(json.loads(marker[-1][len(CHILD_MARKER):]))
+    # The child's watchdog exits with status 1 once the check has run for the timeout; its imports come before.
+    if proc.returncode == -signal.SIGKILL or (proc.returncode == 1 and seconds >= args.check_timeout_s):
+        reason = f"did not finish within {args.check_timeout_s:.0f} s (its Python stacks are on stderr)"
+    else:
+        reason = f"its process exited with status {proc.returncode} (its output is on stderr)"
+    print(f"[gpu_check] {name}: {reason}", file=sys.stderr, flush=True)
+    return CheckOutcome(name, [Row(name, "-", "-", ERROR, reason)], seconds)
+
+
+def run_child(args: argparse.Namespace) -> int:
+    """One check in this process, for ``isolated``: faulthandler's watchdog thread, which needs no interpreter
+    lock, prints every thread's stack and exits with status 1 when the check outlives its timeout. The outcome goes
+    to stdout after a marker."""
+    plan = dry_run_plan() if args.dry_run else gpu_plan()
+    check = GPUCheck(plan, args.tolerance_scale, args.bench_backend)
+    if args.hang == args.child_check:
+        setattr(check, args.hang.replace("-", "_"), lambda: time.sleep(10 * args.check_timeout_s + KILL_GRACE_S))
+    faulthandler.dump_traceback_later(args.check_timeout_s, exit=True)
+    outcome = guarded(check, args.child_check, time.perf_counter(), math.inf)
+    faulthandler.cancel_dump_traceback_later()
+    print(CHILD_MARKER + json.dumps(outcome.to_dict(), default=str), flush=True)
+    return 0
+
+
 def environment(plan: Plan) -> dict:
     env = {"torch": torch.__version__, "device": "cpu", "dtype": dtype_name(plan.dtype),
            "reference_dtype": dtype_name(plan.reference_dtype)}
@@ -537,7 +614,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the checks that would start after this many seconds")
     p.add_argument("--bench-backend", default="auto", choices=["auto", "sdpa", "flex", "flash"],
                    help="attention backend of the benchmark (auto: flash when importable on CUDA, else sdpa)")
-    return p.parse_args(argv)
+    p.add_argument("--check-timeout-s", type=non_negative, default=None,
+                   help=f"run each check in its own process and stop it after this many seconds (default "
+                        f"{GPU_CHECK_TIMEOUT_S:.0f} on a GPU; 0 runs the checks in this process, the dry run's default)")
+    p.add_argument("--child-check", choices=CHECKS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--hang", choices=CHECKS, default=None, help=argparse.SUPPRESS)  # testing: this check never ends
+    args = p.parse_args(argv)
+    if args.check_timeout_s is None:
+        args.check_timeout_s = 0.0 if args.dry_run else GPU_CHECK_TIMEOUT_S
+    if args.hang and not args.check_timeout_s:
+        p.error("--hang needs --check-timeout-s > 0 (the check would never end)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -545,12 +632,17 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device is visible; run with --dry-run for the CPU path", file=sys.stderr)
         return 2
+    if args.child_check:
+        return run_child(args)
     plan = dry_run_plan() if args.dry_run else gpu_plan()
     check = GPUCheck(plan, args.tolerance_scale, args.bench_backend)
     env = environment(plan)
     print(f"[gpu_check] {'dry run, ' if args.dry_run else ''}{env}", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    outcomes = [guarded(check, name, started, args.budget_s) for name in args.checks]
+    if args.check_timeout_s:
+        outcomes = [isolated(name, args, started) for name in args.checks]
+    else:
+        outcomes = [guarded(check, name, started, args.budget_s) for name in args.checks]
     total = time.perf_counter() - started
     code = exit_code(outcomes)
     print(render_table(outcomes))

@@ -5,9 +5,8 @@
 Same code as ``unigendet train --config ...`` with ``stage=diga``.
 """
 
-import sys
-
 from unigendet.cli import stage_main
+from unigendet.distributed import exit_process
 
 if __name__ == "__main__":
-    sys.exit(stage_main("diga"))
+    exit_process(stage_main("diga"))

@@ -386,5 +386,13 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
     return main(["train", *args, f"stage={stage}"])
 
 
+def entry() -> None:
+    """The ``unigendet`` program and ``python -m unigendet.cli``: ``main``, then ``exit_process``, which ends a
+    process that started a process group without the interpreter teardown that could abort it."""
+    from unigendet.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -78,3 +78,38 @@ def test_a_child_of_a_world_of_one_starts_its_own(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "1 0"
+
+
+@pytest.mark.slow
+def test_exit_process_after_a_process_group_runs_exit_handlers_and_flushes(tmp_path):
+    """A process that started a process group ends through ``exit_process`` with its code, after its exit handlers
+    ran and its log and streams were flushed (the interpreter teardown it skips is where gloo's threads aborted)."""
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, logging, sys\n"
+        "from unigendet.distributed import close_process_group, exit_process, init_process_group\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+        "init_process_group('cpu')\n"
+        "logging.getLogger('probe').info('logged before the exit')\n"
+        "sys.stdout.write('unflushed stdout')\n"
+        "close_process_group()\n"
+        "exit_process(3)\n"
+        "print('not reached')\n"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout.endswith("unflushed stdout")
+    assert "logged before the exit" in out.stderr
+    assert marker.read_text() == "yes"
+
+
+def test_exit_process_without_a_process_group_is_sys_exit():
+    from unigendet.distributed import exit_process
+
+    with pytest.raises(SystemExit) as stop:
+        exit_process(4)
+    assert stop.value.code == 4

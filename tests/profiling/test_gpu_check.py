@@ -28,9 +28,11 @@ class Run:
 
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory) -> dict[str, Run]:
-    """The full dry run and a zero-tolerance run, started together (each spends seconds importing torch)."""
+    """The full dry run, a zero-tolerance run and a run of checks in their own processes with one that hangs,
+    started together (each spends seconds importing torch)."""
     root = tmp_path_factory.mktemp("gpu_check")
-    variants = {"full": [], "zero": ["--checks", "varlen-ref", "--tolerance-scale", "0"]}
+    variants = {"full": [], "zero": ["--checks", "varlen-ref", "--tolerance-scale", "0"],
+                "isolated": ["--checks", "flash,varlen-ref", "--check-timeout-s", "8", "--hang", "flash"]}
     procs = {}
     for name, extra in variants.items():
         json_path = root / name / "report.json"
@@ -97,6 +99,20 @@ def test_zero_tolerance_fails_with_nonzero_exit(dry_runs):
     assert report["exit_code"] == 1 and statuses(report) == {"varlen-ref": ["FAIL", "FAIL"]}
 
 
+@pytest.mark.slow
+def test_a_hanging_check_is_stopped_with_its_stacks_and_the_next_still_runs(dry_runs):
+    proc = dry_runs["isolated"]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.json_path.read_text())
+    assert statuses(report) == {"flash": ["ERROR"], "varlen-ref": ["PASS", "PASS"]}
+    hung = report["checks"][0]
+    assert hung["rows"][0]["reason"] == "did not finish within 8 s (its Python stacks are on stderr)"
+    assert 8 <= hung["seconds"] < 8 + 60
+    # faulthandler's dump names the frame the check was stuck in.
+    assert "Timeout (0:00:08)!" in proc.stderr and "in <lambda>" in proc.stderr
+    assert "ERROR: did not finish within 8 s" in proc.stdout
+
+
 def test_a_raising_check_is_an_error_row_and_the_next_still_runs(gpu_check, capsys):
     class Broken(gpu_check.GPUCheck):
         def precision(self):
@@ -118,7 +134,8 @@ def test_checks_past_the_budget_are_skipped(gpu_check):
 
 
 def test_arguments_are_checked(gpu_check, monkeypatch, capsys):
-    for bad in (["--checks", "flash,nope"], ["--tolerance-scale", "-1"], ["--tolerance-scale", "nan"]):
+    for bad in (["--checks", "flash,nope"], ["--tolerance-scale", "-1"], ["--tolerance-scale", "nan"],
+                ["--dry-run", "--hang", "flash"], ["--check-timeout-s", "-5"]):
         with pytest.raises(SystemExit) as err:
             gpu_check.parse_args(bad)
         assert err.value.code == 2

@@ -23,7 +23,7 @@ import json, resource, sys
 import torch
 
 from unigendet.config.loader import from_dict
-from unigendet.distributed import all_gather_object, close_process_group, init_process_group, rank
+from unigendet.distributed import all_gather_object, close_process_group, exit_process, init_process_group, rank
 from unigendet.distributed.engine import DeepSpeedConfig, OptimConfig, resolve_deepspeed_config
 from unigendet.models.config import ModelConfig
 from unigendet.training.builders import InitConfig, build_model_and_vae
@@ -94,6 +94,7 @@ if rank() == 0:
     with open(out, "w") as f:
         json.dump(report, f)
 close_process_group()
+exit_process(0)
 '''
 
 

@@ -6,8 +6,10 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,9 @@ import torch.distributed as dist
 from unigendet.utils.errors import RunError
 
 logger = logging.getLogger(__name__)
+
+# Whether this process has started a process group (``exit_process`` then skips the interpreter's teardown).
+_STARTED_PROCESS_GROUP = False
 
 
 def init_process_group(device_type: str) -> None:
@@ -25,8 +30,10 @@ def init_process_group(device_type: str) -> None:
     file in a private temporary directory rather than a TCP port: picking a "free" port and binding it later
     races with every other process doing the same (seen as EADDRINUSE when runs start side by side).
     """
+    global _STARTED_PROCESS_GROUP
     if dist.is_available() and dist.is_initialized():
         return
+    _STARTED_PROCESS_GROUP = True
     os.environ.update(slurm_rank_environment(os.environ))
     init_method = None
     if _world_of_one(os.environ):
@@ -108,6 +115,26 @@ def close_process_group() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code``: the exit of a program's entry point. A process that started a process group
+    runs its exit handlers, flushes its logs and streams, and then ends without the interpreter's teardown.
+
+    Two-rank CPU launches whose work had finished (report written, group destroyed) still ended, at random and
+    rarely, with "terminate called without an active exception" (SIGABRT) during the teardown, and the launcher
+    then reported the run failed. The likely cause: destroying the group does not free it while DeepSpeed holds
+    references to it (on every ZeRO-3 parameter, for one), so gloo's worker threads outlive the interpreter; a
+    C++ thread that needs the interpreter lock of a finalising interpreter is ended mid-call, which aborts the
+    process. Whatever the thread, skipping the teardown leaves nothing to race; the operating system frees the
+    rest."""
+    if not _STARTED_PROCESS_GROUP:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
