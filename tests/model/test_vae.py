@@ -160,6 +160,14 @@ def test_encode_list_matches_single_encodes(bfl_file):
     one_by_one = [vae.encode(img[None], generator=g2)[0] for img in (a, b, c)]
     for s, o in zip(sampled, one_by_one, strict=True):
         torch.testing.assert_close(s, o, rtol=1e-5, atol=1e-5)
+    # One generator per image: each image's noise comes from its own, wherever it sits in a group.
+    seeds = (11, 12, 13)
+    own = vae.encode_list([a, b, c], generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for img, s, z in zip((a, b, c), seeds, own, strict=True):
+        torch.testing.assert_close(z, vae.encode(img[None], generator=torch.Generator().manual_seed(s))[0],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 generators for 3 images"):
+        vae.encode_list([a, b, c], generator=[torch.Generator(), torch.Generator()])
     # Batch-padding (the reference's behaviour) would change the small image's latents everywhere.
     padded = torch.zeros(2, 3, 32, 40)
     padded[0, :, :32, :24], padded[1, :, :16, :40] = a, b

@@ -219,6 +219,7 @@ class _AttentionPlan:
     mask: torch.Tensor | None  # Bool [B, 1, n_max, total], None when everything is visible
     # Copies of the index tensors and the mask on the other devices of a split model, made at first use.
     copies: dict[torch.device, _AttentionPlan] = field(default_factory=dict, repr=False)
+    additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)  # see ``additive_mask``
 
     @classmethod
     def build(cls, cache: KVCache, block: Block, device: torch.device) -> _AttentionPlan:
@@ -272,10 +273,19 @@ class _AttentionPlan:
         qp[self.seq_ids, self.offsets] = q
         keys = cache.keys[layer][:, :, : self.total]
         values = cache.values[layer][:, :, : self.total]
-        o = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=self.mask, scale=scale, enable_gqa=True
-        )
+        o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
+                                           attn_mask=self.additive_mask(q.dtype), scale=scale, enable_gqa=True)
         return o.transpose(1, 2)[self.seq_ids, self.offsets]
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The mask as 0 / -inf in ``dtype``, made once per plan and dtype: SDPA converts a boolean mask to this
+        form on every call, which was once per layer."""
+        if self.mask is None:
+            return None
+        if dtype not in self.additive:
+            self.additive[dtype] = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill(
+                ~self.mask, float("-inf"))
+        return self.additive[dtype]
 
 
 __all__ = ["Block", "CachedForwardStats", "CachedForward"]

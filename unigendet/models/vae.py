@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -181,7 +182,7 @@ class FluxVAE(nn.Module):
     def encode_list(
         self,
         images: list[Tensor],
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         sample: bool = True,
         max_batch: int | None = None,
     ) -> list[Tensor]:
@@ -190,8 +191,9 @@ class FluxVAE(nn.Module):
         Images are grouped by size and each group runs as one batch, without zero padding: padding would
         change every latent of the smaller images (GroupNorm statistics and the mid-block attention span the
         pad). Posterior noise is drawn per image *in input order*, so the result equals encoding each image
-        alone with the same generator stream, however the images are grouped. ``max_batch`` bounds the
-        group batch size (memory).
+        alone with the same generator stream, however the images are grouped. ``generator`` may also be one
+        generator per image, each image's noise then coming from its own. ``max_batch`` bounds the group batch
+        size (memory).
         """
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -215,11 +217,13 @@ class FluxVAE(nn.Module):
                 for row, i in enumerate(chunk):
                     params[i] = posterior.parameters[row : row + 1]
 
-        out = []
-        for p in params:
-            z = self._to_latent(DiagonalGaussianDistribution(p), generator, sample)
-            out.append(z[0])
-        return out
+        if isinstance(generator, Sequence):
+            if len(generator) != len(items):
+                raise ValueError(f"{len(generator)} generators for {len(items)} images")
+            generators = list(generator)
+        else:
+            generators = [generator] * len(items)
+        return [self._to_latent(DiagonalGaussianDistribution(p), g, sample)[0] for p, g in zip(params, generators)]
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
