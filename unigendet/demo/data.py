@@ -541,6 +541,9 @@ class _DetectionSplit:
     band: str  # "train", "heldout" or "all"
     generators: tuple[_Generators, ...]  # instances, used in turn
     total: int
+    # Each fake is made from the very crop of the real written just before it, so that the two differ only by the
+    # generator's artefacts (content-matched pairs); otherwise every image is a crop of its own.
+    paired: bool = False
 
 
 class _ImageWriter:
@@ -560,7 +563,10 @@ class _ImageWriter:
         made = dict.fromkeys(FAKE_PROCESSES, 0)
         for kind, i in kinds:
             source = split.sources[i % len(split.sources)]
-            crop, record = _draw_crop(crop_rng, source, split.band, size)
+            if kind == "real" or not split.paired:
+                crop, record = _draw_crop(crop_rng, source, split.band, size)
+            else:
+                record = {**record, "paired_with": entries[-1]["image"]}
             if kind == "real":
                 pixels, process, label = crop, None, FAKECLUE_REAL
             else:
@@ -597,14 +603,19 @@ def make_demo_dataset(
     seed: int = 0,
     artefact_strength: float = 1.0,
     t2i_per_photo: int = 12,
+    paired_train: bool = False,
+    train_generator_instances: int = TRAIN_GENERATOR_INSTANCES,
 ) -> DemoDataset:
     """Write the demo's real/fake images, FakeClue JSONs, text-to-image parquets and manifest under ``out_dir``.
 
     ``num_train`` counts training detection images, ``num_heldout`` the images of *each* held-out set (half real,
     half fake). ``t2i_per_photo`` wide views per training photograph go into each text-to-image parquet (training
     band: ``t2i_train``, held-out band: ``t2i_heldout``, the reference for distribution distances).
-    ``artefact_strength`` scales the amplitude of the generator artefacts (1.0 = the tested default). Same
-    arguments, same bytes.
+    ``artefact_strength`` scales the amplitude of the generator artefacts (1.0 = the tested default).
+    ``paired_train`` makes each training fake from the crop of the training real before it (content-matched
+    pairs: the label cannot be read from the content of an image); the held-out sets stay unpaired.
+    ``train_generator_instances`` random instances of each generator family make the training and ``heldout``
+    fakes (``heldout_generators`` uses other instances, from a stream of its own). Same arguments, same bytes.
     """
     if num_train < 2 or num_heldout < 2:
         raise ValueError("each split needs at least one real and one fake image")
@@ -614,6 +625,8 @@ def make_demo_dataset(
         raise ValueError("artefact_strength must be positive")
     if t2i_per_photo < 1:
         raise ValueError(f"t2i_per_photo must be >= 1, got {t2i_per_photo}")
+    if train_generator_instances < 1:
+        raise ValueError(f"train_generator_instances must be >= 1, got {train_generator_instances}")
 
     root = Path(out_dir)
     real_dir, fake_dir = root / "images" / "real", root / "images" / "fake"
@@ -628,10 +641,10 @@ def make_demo_dataset(
     # not change the other sets' images.
     gen_seq, unseen_gen_seq, proc_seq, text_seq, t2i_seq, *crop_seqs = np.random.SeedSequence(seed).spawn(9)
     proc_rng, text_rng, t2i_rng = (np.random.default_rng(s) for s in (proc_seq, text_seq, t2i_seq))
-    gens = generator_instances(gen_seq, TRAIN_GENERATOR_INSTANCES, artefact_strength)
+    gens = generator_instances(gen_seq, train_generator_instances, artefact_strength)
     unseen_gens = generator_instances(unseen_gen_seq, HELDOUT_GENERATOR_INSTANCES, artefact_strength)
     splits = (
-        _DetectionSplit("train", TRAIN_JSON, DEMO_SOURCES, "train", gens, num_train),
+        _DetectionSplit("train", TRAIN_JSON, DEMO_SOURCES, "train", gens, num_train, paired=paired_train),
         _DetectionSplit("heldout", HELDOUT_JSON, DEMO_SOURCES, "heldout", gens, num_heldout),
         _DetectionSplit("heldout_photos", HELDOUT_PHOTOS_JSON, HELDOUT_SOURCES, "all", gens, num_heldout),
         _DetectionSplit("heldout_generators", HELDOUT_GENERATORS_JSON, DEMO_SOURCES, "heldout", unseen_gens,

@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unigendet.demo.baselines import BASELINES, OPTIONAL_BASELINES, detector_row, format_table, run_baselines
-from unigendet.demo.data import DEMO_QUESTION, demo_captions, demo_photo_names, make_demo_dataset
+from unigendet.demo.data import (
+    DEMO_QUESTION,
+    TRAIN_GENERATOR_INSTANCES,
+    demo_captions,
+    demo_photo_names,
+    make_demo_dataset,
+)
 from unigendet.recipes import recipe_path
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,10 @@ class DemoSettings:
     # Amplitude of the fake processes' artefacts. Measured over 600 GDUF steps with the trained autoencoder: at 1.0
     # the head memorised the training images (89% on them, 51% on unseen crops); at 2.5, 77% on unseen crops.
     artefact_strength: float = 2.5
+    # Training fakes made from the crop of the training real before them (content-matched pairs); see
+    # ``make_demo_dataset``.
+    paired_train: bool = False
+    generator_instances: int = TRAIN_GENERATOR_INSTANCES  # random instances per fake family in the training data
     image_size: int = 64
     samples_per_caption: int = 8  # generated images per demo caption and generator (13 captions)
     sampling_steps: int = 30  # schedule points of the Euler sampler
@@ -76,7 +86,7 @@ class DemoSettings:
 
     def __post_init__(self) -> None:
         for name in ("steps", "diga_steps", "rounds", "later_gduf_steps", "num_train", "num_heldout", "t2i_per_photo",
-                     "samples_per_caption", "explain_tokens", "baseline_steps"):
+                     "samples_per_caption", "explain_tokens", "baseline_steps", "generator_instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}")
         for name in ("vae_steps", "pretrain_steps"):
@@ -289,7 +299,8 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     # resamples them, so pixel-level generator artefacts reach both encoders intact.
     data = make_demo_dataset(out / "data", num_train=s.num_train, num_heldout=s.num_heldout,
                              image_size=s.image_size, seed=s.seed, t2i_per_photo=s.t2i_per_photo,
-                             artefact_strength=s.artefact_strength)
+                             artefact_strength=s.artefact_strength, paired_train=s.paired_train,
+                             train_generator_instances=s.generator_instances)
     clock.lap("data")
     vae = _stage0(data, out, s)
     clock.lap("stage 0 (autoencoder)")
