@@ -13,6 +13,8 @@ deterministically for a seed:
   it came from, so global colour statistics do not give the label away; the task is about texture.
   Every process works on each channel with the *same* weights, so a grayscale source stays exactly gray
   (a colour cast on a gray photo would be a trivial give-away).
+* **Content-matched pairs** (optional, the demo's default): each training fake is made from the very crop of the
+  training real before it, so no image's content tells its label; the held-out sets stay unpaired.
 * **Two framings**: detection crops are close-ups (windows of 1-1.5x the output size: texture, where the
   artefacts are); the text-to-image data are wide views (85-100 % of the band's short side, downscaled: the
   photograph's layout, what a caption names), so the generator learns to draw each photograph.
