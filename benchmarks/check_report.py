@@ -44,6 +44,11 @@ class CheckOutcome:
     def to_dict(self) -> dict:
         return {"check": self.check, "seconds": self.seconds, "rows": [r.to_dict() for r in self.rows]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> CheckOutcome:
+        """The inverse of ``to_dict`` (a check run in another process reports this way)."""
+        return cls(d["check"], [Row(**r) for r in d["rows"]], d["seconds"])
+
 
 def _ratio(err: float, allowed: float) -> float:
     if not math.isfinite(err):

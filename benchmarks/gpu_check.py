@@ -497,11 +497,18 @@ class GPUCheck:
         return getattr(self, name.replace("-", "_"))()
 
 
+def over_budget(name: str, started: float, budget_s: float) -> CheckOutcome | None:
+    """The SKIP outcome of a check that would start after the time budget, else None."""
+    if time.perf_counter() - started > budget_s:
+        return CheckOutcome(name, [Row(name, "-", "-", SKIP, f"time budget of {budget_s:.0f} s spent")], 0.0)
+    return None
+
+
 def guarded(check: GPUCheck, name: str, started: float, budget_s: float) -> CheckOutcome:
     """Run one check; an exception becomes an ERROR row, a check past the time budget a SKIP row."""
+    if skipped := over_budget(name, started, budget_s):
+        return skipped
     t0 = time.perf_counter()
-    if t0 - started > budget_s:
-        return CheckOutcome(name, [Row(name, "-", "-", SKIP, f"time budget of {budget_s:.0f} s spent")], 0.0)
     print(f"[gpu_check] {name} ...", file=sys.stderr, flush=True)
     try:
         rows = check.run(name)
@@ -525,17 +532,13 @@ def child_command(name: str, args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def outcome_from_dict(d: dict) -> CheckOutcome:
-    return CheckOutcome(d["check"], [Row(**r) for r in d["rows"]], d["seconds"])
-
-
 def isolated(name: str, args: argparse.Namespace, started: float) -> CheckOutcome:
     """Run one check in a child process (its own session, so compile workers die with it). The child prints its
     Python stacks and exits once the check has run for ``--check-timeout-s``; a child that does not even manage
     that is killed ``KILL_GRACE_S`` later. Either way the check is an ERROR row and the next check runs."""
+    if skipped := over_budget(name, started, args.budget_s):
+        return skipped
     t0 = time.perf_counter()
-    if t0 - started > args.budget_s:
-        return CheckOutcome(name, [Row(name, "-", "-", SKIP, f"time budget of {args.budget_s:.0f} s spent")], 0.0)
     proc = subprocess.Popen(child_command(name, args), stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, _ = proc.communicate(timeout=args.check_timeout_s + KILL_GRACE_S)
@@ -548,7 +551,7 @@ def isolated(name: str, args: argparse.Namespace, started: float) -> CheckOutcom
     if other:
         print(other, file=sys.stderr, flush=True)
     if proc.returncode == 0 and marker:
-        return outcome_from_dict(json.loads(marker[-1][len(CHILD_MARKER):]))
+        return CheckOutcome.from_dict(json.loads(marker[-1][len(CHILD_MARKER):]))
     # The child's watchdog exits with status 1 once the check has run for the timeout; its imports come before.
     if proc.returncode == -signal.SIGKILL or (proc.returncode == 1 and seconds >= args.check_timeout_s):
         reason = f"did not finish within {args.check_timeout_s:.0f} s (its Python stacks are on stderr)"
