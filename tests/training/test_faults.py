@@ -52,6 +52,21 @@ if kind == "nan_loss":
         return loss, metrics
 
     GDUFObjective.__call__ = patched
+elif kind == "spike_loss":
+    # spike_loss:STEP -- micro-step STEP's loss (and so its gradients) is 1000x the true one, on every rank.
+    from unigendet.objectives.gduf import GDUFObjective
+
+    original, calls = GDUFObjective.__call__, [0]
+
+    def patched(self, *args, **kwargs):
+        loss, metrics = original(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == int(arg):
+            loss = loss * 1000.0
+            metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    GDUFObjective.__call__ = patched
 elif kind in ("kill_in_save", "enospc_in_save"):
     # The checkpoint writer dies (SIGKILL after its first file) or finds the disk full, for paths containing ARG.
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -215,17 +230,40 @@ def test_non_finite_loss_skips_steps_then_stops_without_export(tmp_path, driver,
 @pytest.mark.parametrize("guard, message", [
     ("guard.max_consecutive_skips=3", r"3 optimizer steps in a row were skipped \(last loss [0-9.e+]+, gradient norm "
                                       r"inf\) \(guard.max_consecutive_skips=3\)"),
-    ("guard.loss_spike_warmup=1", r"x the median [0-9.]+ of the last 1 applied steps \(guard.loss_spike_factor=10\)"),
+    ("guard.loss_spike_warmup=1 guard.on_spike=stop",
+     r"x the median [0-9.]+ of the last 1 applied steps \(guard.loss_spike_factor=10\)"),
+    # Skipping spikes does not hide a real divergence: every later step spikes or overflows, and the skips stop it.
+    ("guard.loss_spike_warmup=1 guard.on_spike=skip guard.max_consecutive_skips=3",
+     r"3 optimizer steps in a row were skipped"),
 ])
 def test_divergence_stops_the_run_without_export(tmp_path, driver, demo, guard, message):
     """lr=1000: after one huge update the gradient norm is inf every step (DeepSpeed's own overflow skip, counted
     by the guard) and the loss jumps by orders of magnitude (the spike check, once it has a median)."""
     ckpt = tmp_path / "ckpt"
-    run = train(driver, ckpt, demo, ["total_steps=20", "checkpoint.interval=2", "optim.lr=1000", guard], expect=(1,))
+    run = train(driver, ckpt, demo, ["total_steps=20", "checkpoint.interval=2", "optim.lr=1000", *guard.split()],
+                expect=(1,))
     out = run.output()
     assert "training stopped at step" in out and re.search(message, out), out[-2000:]
     assert not (ckpt / "final").exists()
     assert len(metrics(ckpt)) < 20
+
+
+def test_a_loss_spike_stops_the_run_or_skips_one_step_with_on_spike_skip(tmp_path, driver, demo):
+    """Step 4's loss is 1000x too large (a batch the model gets badly wrong). With ``guard.on_spike=stop`` (the
+    library default) the run stops before that update; with ``skip`` (the demo recipe's) exactly that step is skipped (parameters and optimizer state as after step
+    3) and the run finishes and exports."""
+    common = ["total_steps=6", "checkpoint.keep_last_k=6", "guard.loss_spike_warmup=2"]
+    stopped = train(driver, tmp_path / "stop", demo, [*common, "checkpoint.interval=100", "guard.on_spike=stop"],
+                    fault="spike_loss:4",
+                    expect=(1,))
+    assert re.search(r"training stopped at step 4: loss [0-9.e+]+ is [0-9.]+x the median", stopped.output())
+    assert not (tmp_path / "stop" / "final").exists()
+    ckpt = tmp_path / "skip"
+    run = train(driver, ckpt, demo, [*common, "checkpoint.interval=1", "guard.on_spike=skip"], fault="spike_loss:4")
+    assert re.search(r"step 4 skipped \(loss [0-9.e+]+ is [0-9.]+x the median", run.output())
+    assert [h["skipped_steps"] for h in metrics(ckpt)] == [0, 0, 0, 1, 1, 1]
+    assert (ckpt / "final").exists()
+    assert_same_weights_and_optimizer(ckpt / "step_0000003", ckpt / "step_0000004")
 
 
 @pytest.mark.slow

@@ -49,6 +49,33 @@ def test_a_loss_spike_stops_the_run_after_the_warm_up_only():
     DivergenceGuard(GuardConfig(loss_spike_factor=0, loss_spike_warmup=1)).check_spike(1, 1e30)
 
 
+def test_on_spike_skip_skips_the_step_and_repeated_spikes_still_stop(caplog):
+    guard = DivergenceGuard(GuardConfig(loss_spike_factor=10, loss_spike_warmup=2, loss_spike_window=3,
+                                        max_consecutive_skips=2, on_spike="skip"))
+    for step, loss in enumerate([1.0, 1.0], start=1):
+        assert not guard.check_spike(step, loss)
+        guard.record(step, loss, applied=True, grad_norm=1.0)
+    with caplog.at_level("WARNING", logger="unigendet.training.guard"):
+        assert guard.check_spike(3, 50.0)
+        guard.record(3, 50.0, applied=False, grad_norm=1.0)
+    assert "step 3 skipped (loss 50 is 50x the median 1 of the last 2 applied steps); 1 in a row" in caplog.text
+    assert guard.state_dict()["recent_losses"] == [1.0, 1.0]  # the spike does not move the median
+    assert not guard.check_spike(4, 2.0)
+    guard.record(4, 2.0, applied=True, grad_norm=1.0)
+    assert guard.counters() == {"skipped_steps": 1, "consecutive_skips": 0}
+    for step in (5, 6):
+        assert guard.check_spike(step, 1e3)
+        guard.record(step, 1e3, applied=False, grad_norm=1.0)
+    with pytest.raises(TrainingDivergedError, match=r"step 6: 2 optimizer steps in a row were skipped"):
+        guard.stop_if_stuck(6, 1e3, 1.0)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unigendet.training.guard"):
+        guard.record(7, NAN, applied=False, grad_norm=None)  # a non-finite skip keeps its own message
+    assert "step 7 skipped (non-finite loss or gradient norm: loss nan" in caplog.text
+    with pytest.raises(ConfigError, match="on_spike must be one of"):
+        GuardConfig(on_spike="ignore").validate()
+
+
 def test_guard_state_round_trips():
     guard = DivergenceGuard(GuardConfig())
     for step, (loss, applied) in enumerate([(1.0, True), (NAN, False), (2.0, True), (NAN, False)], start=1):

@@ -9,7 +9,10 @@ takes the same decision:
   the learning-rate schedule moves on as for any step (its position always equals the step count);
 * ``max_consecutive_skips`` skipped steps in a row stop the run;
 * after ``loss_spike_warmup`` applied steps, a loss above ``loss_spike_factor`` times the median of the
-  last ``loss_spike_window`` applied steps' losses stops the run before that step's update.
+  last ``loss_spike_window`` applied steps' losses stops the run before that step's update
+  (``on_spike: stop``), or skips that step like a non-finite one (``on_spike: skip``): one batch that a
+  small, noisy objective gets badly wrong then costs one update instead of the run, while a real divergence,
+  whose every step spikes, still stops it through ``max_consecutive_skips``.
 
 A stopped run raises ``TrainingDivergedError`` and exports nothing; its last checkpoint is intact. The
 counters are logged with the metrics and saved in every checkpoint, so a resumed run keeps them.
@@ -31,6 +34,8 @@ from unigendet.utils.errors import RunError
 
 logger = logging.getLogger(__name__)
 
+SPIKE_ACTIONS = ("stop", "skip")
+
 
 @dataclass
 class GuardConfig:
@@ -42,8 +47,11 @@ class GuardConfig:
     loss_spike_factor: float = 10.0
     loss_spike_warmup: int = 20
     loss_spike_window: int = 100
+    on_spike: str = "stop"  # "stop" the run, or "skip" the step (counted with the non-finite skips)
 
     def validate(self) -> None:
+        if self.on_spike not in SPIKE_ACTIONS:
+            raise ConfigError(f"on_spike must be one of {SPIKE_ACTIONS}, got {self.on_spike!r}")
         require_range("max_consecutive_skips", self.max_consecutive_skips, 1)
         require_non_negative("loss_spike_factor", self.loss_spike_factor)
         if 0 < self.loss_spike_factor <= 1:
@@ -73,20 +81,27 @@ class DivergenceGuard:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.recent: deque[float] = deque(maxlen=cfg.loss_spike_window)
+        self._spike_reason: str | None = None  # why check_spike asked to skip the step being counted
 
-    def check_spike(self, step: int, loss: float) -> None:
-        """Before step ``step``'s update: stop if its (finite) loss is far above the recent median."""
+    def check_spike(self, step: int, loss: float) -> bool:
+        """Before step ``step``'s update: is its (finite) loss far above the recent median? With ``on_spike: stop``
+        that raises ``TrainingDivergedError``; with ``skip`` it returns True and the caller skips the step."""
         factor = self.cfg.loss_spike_factor
         if not factor or not math.isfinite(loss) or len(self.recent) < self.cfg.loss_spike_warmup:
-            return
+            return False
         median = statistics.median(self.recent)
-        if median > 0 and loss > factor * median:
-            raise TrainingDivergedError(
-                step, f"loss {loss:.4g} is {loss / median:.3g}x the median {median:.4g} of the last "
-                f"{len(self.recent)} applied steps", f"guard.loss_spike_factor={factor:g}")
+        if not (median > 0 and loss > factor * median):
+            return False
+        reason = f"loss {loss:.4g} is {loss / median:.3g}x the median {median:.4g} of the last {len(self.recent)} " \
+                 "applied steps"
+        if self.cfg.on_spike == "stop":
+            raise TrainingDivergedError(step, reason, f"guard.loss_spike_factor={factor:g}")
+        self._spike_reason = reason
+        return True
 
     def record(self, step: int, loss: float, applied: bool, grad_norm: float | None) -> None:
         """Count step ``step``: an applied step resets the run of skips, a skipped one extends it."""
+        reason, self._spike_reason = self._spike_reason, None
         if applied:
             self.consecutive_skips = 0
             if math.isfinite(loss):
@@ -94,9 +109,10 @@ class DivergenceGuard:
             return
         self.skipped_steps += 1
         self.consecutive_skips += 1
+        if reason is None:
+            reason = f"non-finite loss or gradient norm: loss {_fmt(loss)}, gradient norm {_fmt(grad_norm)}"
         if is_main_process():
-            logger.warning("step %d skipped (non-finite loss or gradient norm: loss %s, gradient norm %s); "
-                           "%d in a row, %d in all", step, _fmt(loss), _fmt(grad_norm), self.consecutive_skips,
+            logger.warning("step %d skipped (%s); %d in a row, %d in all", step, reason, self.consecutive_skips,
                            self.skipped_steps)
 
     def stop_if_stuck(self, step: int, loss: float, grad_norm: float | None) -> None:

@@ -237,8 +237,8 @@ class Trainer:
                 self.engine.step()  # inside the accumulation window DeepSpeed only counts the micro-step
         step = self.state.step + 1
         agreed = self._agree(loss_sum / gas, nonfinite + self.gate.local_nonfinite_gradients())
-        self.guard.check_spike(step, agreed.loss)
-        applied = self.gate.step(skip=agreed.nonfinite)
+        spike = self.guard.check_spike(step, agreed.loss)
+        applied = self.gate.step(skip=agreed.nonfinite or spike)
         self.state.step = step
         grad_norm = self.engine.get_global_grad_norm()
         self.guard.record(step, agreed.loss, applied, grad_norm)
