@@ -24,10 +24,10 @@ def test_demo_chain_runs_every_stage_and_reports(tmp_path):
         for run in ("gduf", "diga"):
             assert (tmp_path / "rounds" / f"round{r}" / run / "final" / "model.safetensors").is_file()
     assert (tmp_path / "fm_only" / "final" / "model.safetensors").is_file()
-    # Two rounds, each measured on the three held-out sets; round 2's detector scores both generators.
+    # Two rounds, each measured on the four held-out sets; round 2's detector scores both generators.
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
-    assert set(rounds[0]["detector"]["sets"]) == {"heldout", "heldout_photos", "heldout_generators"}
+    assert set(rounds[0]["detector"]["sets"]) == {"heldout", "heldout_photos", "heldout_generators", "heldout_domains"}
     assert all(v["n"] == 8 for v in rounds[1]["detector"]["sets"].values())
     assert list(rounds[1]["detector"]["by_generator"]) == ["G1", "G2"]
     assert rounds[1]["gduf"]["steps"] == 2 and 0 <= rounds[1]["generator"]["consistency"] <= 1

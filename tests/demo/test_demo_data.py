@@ -64,7 +64,7 @@ def test_deterministic_and_offline(tmp_path, monkeypatch):
     assert digest_a != digest_c  # the seed matters
     # Rebuilding smaller into the same folder leaves no stale, unreferenced images.
     small = make_demo_dataset(tmp_path / "a", num_train=4, num_heldout=2, seed=3)
-    assert len(list((small.image_root / "images").rglob("*.png"))) == 4 + 3 * 2
+    assert len(list((small.image_root / "images").rglob("*.png"))) == 4 + 4 * 2  # train + four held-out sets
 
 
 def test_bad_arguments(tmp_path):
@@ -89,7 +89,7 @@ def test_counts_and_files(dataset):
     assert (c["train_real"], c["train_fake"]) == (NUM_TRAIN // 2, NUM_TRAIN // 2)
     assert (c["heldout_real"], c["heldout_fake"]) == (NUM_HELDOUT // 2, NUM_HELDOUT // 2)
     assert c["t2i"] == c["t2i_heldout"] == 12 * len(DEMO_SOURCES)
-    sets = ("train", "heldout", "heldout_photos", "heldout_generators")
+    sets = ("train", "heldout", "heldout_photos", "heldout_generators", "heldout_domains")
     assert len(list((dataset.root / "images" / "real").glob("*.png"))) == sum(c[f"{s}_real"] for s in sets)
     assert len(list((dataset.root / "images" / "fake").glob("*.png"))) == sum(c[f"{s}_fake"] for s in sets)
     assert len(_entries(dataset.train_json)) == NUM_TRAIN
@@ -98,7 +98,7 @@ def test_counts_and_files(dataset):
         assert len(_entries(dataset.heldout_sets[name])) == NUM_HELDOUT
 
 
-@pytest.mark.parametrize("which", ["train", "heldout", "heldout_photos", "heldout_generators"])
+@pytest.mark.parametrize("which", ["train", "heldout", "heldout_photos", "heldout_generators", "heldout_domains"])
 def test_fakeclue_format_and_labels(dataset, which):
     path = dataset.train_json if which == "train" else dataset.heldout_sets[which]
     for e in _entries(path):
@@ -191,11 +191,14 @@ def test_heldout_photos_and_generators_are_unseen(dataset):
     train_sources = {r["source"] for r in records if r["set"] == "train"}
     photo_sources = {r["source"] for r in records if r["set"] == "heldout_photos"}
     assert photo_sources == {s.name for s in demo_data.HELDOUT_SOURCES} and not photo_sources & train_sources
-    assert all(r["split"] == "all" for r in records if r["set"] == "heldout_photos")
+    domain_sources = {r["source"] for r in records if r["set"] == "heldout_domains"}
+    assert domain_sources == {s.name for s in demo_data.HELDOUT_DOMAIN_SOURCES}
+    assert not domain_sources & (train_sources | photo_sources)
+    assert all(r["split"] == "all" for r in records if r["set"] in ("heldout_photos", "heldout_domains"))
     # Other random instances of the generator families: the same crop through a training instance and an unseen
     # instance differs, and a classifier's decision for the unseen set is not read off the training instances.
     rng = np.random.default_rng(0)
-    seeds = np.random.SeedSequence(0).spawn(9)
+    seeds = np.random.SeedSequence(0).spawn(10)
     seen = demo_data.generator_instances(seeds[0], demo_data.TRAIN_GENERATOR_INSTANCES, 1.0)
     unseen = demo_data.generator_instances(seeds[1], demo_data.HELDOUT_GENERATOR_INSTANCES, 1.0)
     crop = rng.uniform(0, 1, (3, SIZE, SIZE))
@@ -212,11 +215,12 @@ def test_heldout_photos_and_generators_are_unseen(dataset):
         used = {(r["process"], r["instance"]) for r in fakes if r["set"] == name}
         assert used == {(p, k) for p in demo_data.FAKE_PROCESSES for k in range(count)}, name
     gen_sets = {r["set"] for r in records if r["process"] is not None}
-    assert gen_sets == {"train", "heldout", "heldout_photos", "heldout_generators"}
+    assert gen_sets == {"train", "heldout", "heldout_photos", "heldout_generators", "heldout_domains"}
     # Photograph and process are not confounded: each unseen photograph's fakes come from every family.
-    for source in photo_sources:
-        processes = {r["process"] for r in fakes if r["set"] == "heldout_photos" and r["source"] == source}
-        assert processes == set(demo_data.FAKE_PROCESSES), source
+    for name, sources in (("heldout_photos", photo_sources), ("heldout_domains", domain_sources)):
+        for source in sources:
+            processes = {r["process"] for r in fakes if r["set"] == name and r["source"] == source}
+            assert processes == set(demo_data.FAKE_PROCESSES), (name, source)
 
 
 def test_paired_training_fakes_are_made_from_the_real_before_them(tmp_path):

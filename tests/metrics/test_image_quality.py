@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter, ImageFont
 
-from unigendet.demo.data import DEMO_SOURCES, skimage_data_dir
+from unigendet.demo.data import DEMO_SOURCES
 from unigendet.metrics.image_quality import (
     BLOCK_STANDARDISATION,
     FEATURE_DIM,
@@ -31,7 +31,7 @@ def photos() -> dict[str, Image.Image]:
     """The demo's scikit-image photographs, RGB."""
     out = {}
     for source in DEMO_SOURCES:
-        with Image.open(skimage_data_dir() / source.filename) as img:
+        with Image.open(source.path) as img:
             out[source.name] = img.convert("RGB")
     return out
 

@@ -6,7 +6,8 @@ deterministically for a seed:
 
 * **Real images**: random crops (plus flips and small downscales) of the natural photographs that ship
   *inside* the scikit-image wheel (no pooch download; the files are read straight from the package
-  directory, skimage is never imported).
+  directory, skimage is never imported); the held-out photographs come from the scikit-learn and matplotlib wheels
+  the same way.
 * **Fake images**: crops of the same photographs passed through generator-like processes that leave the
   artefacts real generators leave (uneven transposed-convolution overlap, nearest-upsample decoders,
   over-smoothing with a latent-grid pattern). Each fake is then given the per-channel mean/std of the crop
@@ -19,16 +20,18 @@ deterministically for a seed:
   artefacts are); the text-to-image data are wide views (85-100 % of the band's short side, downscaled: the
   photograph's layout, what a caption names), so the generator learns to draw each photograph.
 * **Splits**: every training photo is cut along its long side into a training band and a held-out band; training
-  crops come only from the first. Three held-out detection sets then measure three kinds of generalisation:
+  crops come only from the first. Four held-out detection sets then measure four kinds of generalisation:
   ``heldout`` (unseen crops: the held-out bands, the training generator instances), ``heldout_photos`` (unseen
-  photographs, never used in training, with the training generator instances) and ``heldout_generators``
-  (the held-out bands' reals against fakes from *other* random instances of the same generator families).
+  natural photographs, never used in training, with the training generator instances), ``heldout_generators``
+  (the held-out bands' reals against fakes from *other* random instances of the same generator families) and
+  ``heldout_domains`` (unseen imaging domains: astronomy, fundus and microscope images, training generator
+  instances).
 
 Outputs (``out_dir`` is the image root, as FakeClue's ``image`` fields are relative paths)::
 
     images/real/NNNNNN.png, images/fake/NNNNNN.png
     fakeclue_train.json, fakeclue_heldout.json   # FakeClue format, label 1 = real, 0 = fake
-    fakeclue_heldout_photos.json, fakeclue_heldout_generators.json
+    fakeclue_heldout_photos.json, fakeclue_heldout_generators.json, fakeclue_heldout_domains.json
     t2i_train.parquet, t2i_heldout.parquet      # columns image (PNG bytes), caption, key, photo (wide views)
     demo_manifest.json                           # per image: split, label, source photo, crop box, process
 
@@ -62,6 +65,7 @@ TRAIN_JSON = "fakeclue_train.json"
 HELDOUT_JSON = "fakeclue_heldout.json"
 HELDOUT_PHOTOS_JSON = "fakeclue_heldout_photos.json"
 HELDOUT_GENERATORS_JSON = "fakeclue_heldout_generators.json"
+HELDOUT_DOMAINS_JSON = "fakeclue_heldout_domains.json"
 T2I_PARQUET = "t2i_train.parquet"
 T2I_HELDOUT_PARQUET = "t2i_heldout.parquet"
 MANIFEST_JSON = "demo_manifest.json"
@@ -88,15 +92,24 @@ TRAIN_GENERATOR_INSTANCES = 4
 HELDOUT_GENERATOR_INSTANCES = 2
 
 
+# Where each package keeps the sample images its wheel ships (read as files, the packages are never imported).
+_BUNDLED_IMAGE_DIRS = {"skimage": "data", "sklearn": "datasets/images", "matplotlib": "mpl-data/sample_data"}
+
+
 @dataclass(frozen=True)
 class DemoSource:
-    """A photograph bundled with scikit-image and the words used to caption and describe it."""
+    """A photograph bundled inside an installed wheel and the words used to caption and describe it."""
 
     name: str
     filename: str
     gray: bool
     subjects: tuple[str, ...]  # noun phrases for captions ("an astronaut in a white spacesuit")
     short: str  # short phrase for explanations ("the astronaut")
+    package: str = "skimage"  # the wheel that ships the file: a key of _BUNDLED_IMAGE_DIRS
+
+    @property
+    def path(self) -> Path:
+        return bundled_image_dir(self.package) / self.filename
 
 
 # Only files present in the scikit-image wheel itself (skimage/data/*), never the pooch-fetched ones.
@@ -137,8 +150,24 @@ DEMO_SOURCES: tuple[DemoSource, ...] = (
                ("a printed page of text", "a scanned book page", "a page of printed text"), "the printed page"),
 )
 
-# Photographs that no training image comes from: the ``heldout_photos`` set.
+# Natural photographs that no training image comes from (shipped by scikit-learn and matplotlib): the
+# ``heldout_photos`` set, everyday scenes like the training photographs but never seen.
 HELDOUT_SOURCES: tuple[DemoSource, ...] = (
+    DemoSource("temple", "china.jpg", False,
+               ("a Chinese temple above a lake", "a pagoda among trees", "a tower with red and green roofs"),
+               "the temple", package="sklearn"),
+    DemoSource("dahlia", "flower.jpg", False,
+               ("an orange dahlia", "a flower in bloom", "a dahlia in front of green leaves"), "the flower",
+               package="sklearn"),
+    DemoSource("hopper", "grace_hopper.jpg", False,
+               ("a portrait of Grace Hopper", "an officer in a navy uniform", "an elderly woman in uniform"),
+               "the officer", package="matplotlib"),
+)
+
+# Photographs of other imaging domains (astronomy, fundus photography, microscopy) that no training image comes
+# from: the ``heldout_domains`` set. Smooth, dark or sparse by nature, so they test whether "smooth" was learnt
+# as "fake".
+HELDOUT_DOMAIN_SOURCES: tuple[DemoSource, ...] = (
     DemoSource("hubble", "hubble_deep_field.jpg", False,
                ("galaxies in deep space", "the Hubble deep field", "distant galaxies on a black sky"), "the galaxies"),
     DemoSource("retina", "retina.jpg", False,
@@ -204,26 +233,34 @@ class DemoDataset:
     t2i_parquet: Path
     manifest: Path
     counts: dict[str, int] = field(default_factory=dict)  # <set>_real, <set>_fake per detection set, t2i, t2i_heldout
-    # Held-out detection sets by name: heldout (unseen crops), heldout_photos, heldout_generators.
+    # Held-out detection sets by name: heldout (unseen crops), heldout_photos, heldout_generators,
+    # heldout_domains.
     heldout_sets: dict[str, Path] = field(default_factory=dict)
     t2i_heldout_parquet: Path | None = None  # wide views of the held-out bands (distribution-distance reference)
 
 
 # --------------------------------------------------------------------------- source photographs
+def bundled_image_dir(package: str) -> Path:
+    """The folder of sample images inside an installed wheel (scikit-image, scikit-learn or matplotlib), found
+    without importing the package."""
+    if package not in _BUNDLED_IMAGE_DIRS:
+        raise ValueError(f"no bundled images are known for {package!r}; known: {sorted(_BUNDLED_IMAGE_DIRS)}")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the demo data need the photographs bundled with {package}: pip install 'unigendet[demo]'")
+    return Path(next(iter(spec.submodule_search_locations))) / _BUNDLED_IMAGE_DIRS[package]
+
+
 def skimage_data_dir() -> Path:
     """The ``skimage/data`` folder of the installed wheel, found without importing scikit-image."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the demo data need scikit-image's bundled photos: pip install 'unigendet[demo]'")
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return bundled_image_dir("skimage")
 
 
 @lru_cache(maxsize=None)
-def _load_source(filename: str) -> np.ndarray:
+def _load_source(path: Path) -> np.ndarray:
     """Float64 ``[3, H, W]`` in [0, 1] (gray photos replicated to three identical channels)."""
-    path = skimage_data_dir() / filename
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is not in the scikit-image wheel; the demo never downloads data")
+        raise FileNotFoundError(f"{path} is not in its wheel; the demo never downloads data")
     with Image.open(path) as img:
         array = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
     array = array.transpose(2, 0, 1).copy()
@@ -256,7 +293,7 @@ def _window_size(rng: np.random.Generator, max_window: int, size: int, wide: tup
 def _draw_crop(rng: np.random.Generator, source: DemoSource, split: str, size: int,
                wide: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """A ``[3, size, size]`` crop from the split's band of ``source`` and a record of where it came from."""
-    photo = _load_source(source.filename)
+    photo = _load_source(source.path)
     by0, by1, bx0, bx1 = _bands(photo.shape[1], photo.shape[2], split)
     max_window = min(by1 - by0, bx1 - bx0)
     if max_window < size:
@@ -641,7 +678,7 @@ def make_demo_dataset(
 
     # Independent streams (one per set for the crops), so that changing one set's size or the text templates does
     # not change the other sets' images.
-    gen_seq, unseen_gen_seq, proc_seq, text_seq, t2i_seq, *crop_seqs = np.random.SeedSequence(seed).spawn(9)
+    gen_seq, unseen_gen_seq, proc_seq, text_seq, t2i_seq, *crop_seqs = np.random.SeedSequence(seed).spawn(10)
     proc_rng, text_rng, t2i_rng = (np.random.default_rng(s) for s in (proc_seq, text_seq, t2i_seq))
     gens = generator_instances(gen_seq, train_generator_instances, artefact_strength)
     unseen_gens = generator_instances(unseen_gen_seq, HELDOUT_GENERATOR_INSTANCES, artefact_strength)
@@ -651,6 +688,7 @@ def make_demo_dataset(
         _DetectionSplit("heldout_photos", HELDOUT_PHOTOS_JSON, HELDOUT_SOURCES, "all", gens, num_heldout),
         _DetectionSplit("heldout_generators", HELDOUT_GENERATORS_JSON, DEMO_SOURCES, "heldout", unseen_gens,
                         num_heldout),
+        _DetectionSplit("heldout_domains", HELDOUT_DOMAINS_JSON, HELDOUT_DOMAIN_SOURCES, "all", gens, num_heldout),
     )
     writer = _ImageWriter(root, proc_rng, text_rng)
     counts: dict[str, int] = {}
@@ -678,6 +716,6 @@ def make_demo_dataset(
         t2i_parquet=t2i_paths["train"],
         manifest=manifest_path,
         counts=counts,
-        heldout_sets={name: paths[name] for name in ("heldout", "heldout_photos", "heldout_generators")},
+        heldout_sets={split.name: paths[split.name] for split in splits[1:]},
         t2i_heldout_parquet=t2i_paths["heldout"],
     )

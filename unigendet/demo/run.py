@@ -6,8 +6,8 @@
    stand-in for the pretrained BAGEL checkpoint; both cached by content; stage 0).
 1. Co-evolution rounds (``rounds``): round 1 is GDUF from scratch, then DIGA against the frozen stage-1 detector;
    each later round continues GDUF from the previous generator with that generator's own images added as fakes,
-   then DIGA against the new detector. Per round: the detector on the three held-out sets (unseen crops, unseen
-   photographs, unseen generator instances) and on the newest generator's images; the generator's caption
+   then DIGA against the new detector. Per round: the detector on the four held-out sets (unseen crops, unseen
+   photographs, unseen generator instances, unseen imaging domains) and on the newest generator's images; the generator's caption
    consistency and distance to held-out reals.
 2. DIGA evidence (round 1): the stage-1, flow-matching-only control and DIGA generators draw the same prompts with
    the same seeds; the frozen stage-1 detector's p(fake), caption consistency and the distances, with paired
@@ -43,7 +43,7 @@ MODEL_RECIPE = recipe_path("model/demo.yaml")
 PRETRAIN_RECIPE = recipe_path("train/t2i_pretrain_demo.yaml")
 T2I_WEIGHT = 2.0
 HELDOUT_SET_LABELS = {"heldout": "unseen crops", "heldout_photos": "unseen photographs",
-                      "heldout_generators": "unseen generator instances"}
+                      "heldout_generators": "unseen generator instances", "heldout_domains": "unseen imaging domains"}
 
 
 @dataclass
@@ -51,7 +51,8 @@ class DemoSettings:
     """Sizes of a demo run (the defaults are what ``./run.sh demo`` runs)."""
 
     # Measured with the 4x autoencoder (seed 0): 600/100/150 steps gave round-1 balanced accuracy 76.6% / 57.0% /
-    # 68.0% on the three held-out sets and a round-2 detector at 61.7% / 57.0% / 57.8%; with 300 DIGA steps the
+    # 68.0% on the three held-out sets of the time (unseen crops, the photographs now called imaging domains, generator
+    # instances) and a round-2 detector at 61.7% / 57.0% / 57.8%; with 300 DIGA steps the
     # round-2 detector collapsed to p(fake) ~0.5 for every image; 900/200/300 kept both rounds' detectors working.
     steps: int = 900  # round 1's GDUF steps
     diga_steps: int = 200  # DIGA steps per round, and flow-matching-only steps of the control
@@ -72,7 +73,7 @@ class DemoSettings:
     artefact_strength: float = 2.5
     # Training fakes made from the crop of the training real before them (content-matched pairs; see
     # ``make_demo_dataset``). Measured (seed 0, full demo): round-1 balanced accuracy 82.0% / 60.9% / 75.0% on the
-    # three held-out sets against 73.4% / 60.2% / 72.7% unpaired, the detection loss leaving ln 2 near step 250
+    # same three sets against 73.4% / 60.2% / 72.7% unpaired, the detection loss leaving ln 2 near step 250
     # instead of 700; round 2 71.9% / 63.3% / 67.2% against 73.4% / 54.7% / 68.8%.
     paired_train: bool = True
     generator_instances: int = TRAIN_GENERATOR_INSTANCES  # random instances per fake family in the training data
