@@ -95,8 +95,8 @@ def test_the_spectral_map_goes_to_unigendet_as_a_second_image_only_when_asked(mo
     blocks = []
     original = tiny_unigendet.context
 
-    def counting_context(image, question, extra_images=()):
-        items = original(image, question, extra_images)
+    def counting_context(image, question, extra_images=(), **kwargs):
+        items = original(image, question, extra_images, **kwargs)
         blocks.append(sum(isinstance(item, ViTImage) for item in items))
         return items
 

@@ -318,6 +318,11 @@ def test_detect_questions_and_head_only(detector):
     images = _images()
     res = detector.detect(images, questions=["\nReal?", "<image>\nFake?"], max_new_tokens=0)
     assert [r.token_ids for r in res] == [[], []] and not any(r.stopped for r in res)
+    # Head only reads the head in the context's own forward (answer start appended); decoding reads it in the first
+    # decoding step over the cached context. Same state, so the same p(fake), for every question and image.
+    decoded = detector.detect(images, questions=["\nReal?", "<image>\nFake?"], max_new_tokens=1)
+    assert [r.p_fake for r in res] == pytest.approx([r.p_fake for r in decoded], rel=1e-5, abs=1e-6)
+    assert res[0].p_fake != res[1].p_fake
     with pytest.raises(ValueError):
         detector.detect(images, questions=["only one"])
 

@@ -279,17 +279,21 @@ class UniGenDetDetector:
                 "vae_transform": asdict(prep.vae_transform)}
 
     # ------------------------------------------------------------------ context
-    def context(self, image: Image.Image, question: str, extra_images: Sequence[Image.Image] = ()) -> list[PlanItem]:
+    def context(self, image: Image.Image, question: str, extra_images: Sequence[Image.Image] = (),
+                answer_start: bool = False) -> list[PlanItem]:
         """The SMSA plan of one image (VAE block, ViT block, question), as the training encoder lays it out.
 
         ``extra_images`` are shown to the understanding side as further ViT blocks right after the image's own,
-        before the question (for example a spectral map; the model was not trained with such inputs)."""
+        before the question (for example a spectral map; the model was not trained with such inputs).
+        ``answer_start`` keeps the (empty) answer, whose ``<|im_start|>`` is where the detection head reads: the
+        head is then read in the same forward as the context."""
         image = to_rgb(image) if image.mode != "RGB" else image
         if self.preprocessing.pre_resize_vae:
             image = self.encoder.vae_transform.resize(image)
         sample = self.encoder.detection(image, question, answer="", label=LABEL_REAL)
-        items = sample.items[:-1]  # drop the (empty) answer: decoding produces it
         assert isinstance(sample.items[-1], TextItem) and sample.items[-1].detection_label is not None
+        # Without answer_start the (empty) answer is dropped: decoding produces it.
+        items = sample.items if answer_start else sample.items[:-1]
         if extra_images:
             at = next(i for i, item in enumerate(items) if isinstance(item, ViTImage)) + 1
             extra = [ViTImage(self.encoder.vit_image(to_rgb(img))) for img in extra_images]
@@ -312,6 +316,17 @@ class UniGenDetDetector:
         tokens = [patchify_latent(z, self.model.config.latent_patch_size).float() for z in latents]
         lat = torch.cat(tokens).to(self.cached_forward.device)
         return lat, torch.zeros(lat.shape[0], device=self.cached_forward.device)
+
+    @torch.no_grad()
+    def _head_only(self, plans: list[list[PlanItem]], seeds: list[int]) -> list[float]:
+        """p(fake) of plans that end with the answer's ``<|im_start|>``: one forward, no decoding step (the
+        context's keys and values go to a scratch cache that is dropped)."""
+        fwd = self.cached_forward
+        batch = fwd.pack(plans)
+        lat, ts = self._latents(plans, seeds)
+        hidden = fwd.forward(fwd.new_cache(len(plans)), fwd.embed(batch, lat, ts), commit=False)
+        logits = fwd.detection_logits(hidden[batch.det_indexes.to(hidden.device)])
+        return [float(p) for p in fake_probability(logits, self.model.config.detection_loss).cpu()]
 
     # ------------------------------------------------------------------ detect
     @torch.no_grad()
@@ -350,6 +365,11 @@ class UniGenDetDetector:
         if extra_images is not None and len(extra_images) != len(images):
             raise ValueError(f"{len(extra_images)} lists of extra images for {len(images)} images")
         extras = [()] * len(images) if extra_images is None else [list(e) for e in extra_images]
+        head = getattr(self.model.config, "detection_head", False)
+        if max_new_tokens == 0 and head:
+            plans = [self.context(img, q, extra, answer_start=True) for img, q, extra in zip(images, questions, extras)]
+            return [DetectionResult(p, "", parse_verdict(""), [], False, self.threshold)
+                    for p in self._head_only(plans, seeds)]
         fwd = self.cached_forward
         plans = [self.context(img, q, extra) for img, q, extra in zip(images, questions, extras)]
         batch = fwd.pack(plans)
@@ -367,7 +387,7 @@ class UniGenDetDetector:
         step = 0
         while active:
             hidden = fwd.forward(cache, fwd.token_block(inputs), commit=True)
-            if step == 0 and getattr(self.model.config, "detection_head", False):
+            if step == 0 and head:
                 probs = fake_probability(fwd.detection_logits(hidden), self.model.config.detection_loss)
                 p_fake = [float(p) for p in probs.cpu()]
             if step >= max_new_tokens:
