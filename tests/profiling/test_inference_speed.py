@@ -27,8 +27,8 @@ def test_recipe_transforms_set_the_context_and_every_figure_is_printed(capsys):
     # Without it the model's default transforms upscale them to 128 px: four times the image tokens.
     default = bench.main(common)
     assert default["context_tokens_per_image"] - 512 == with_recipe["context_tokens_per_image"] - 128
-    for key in ("head_only_images_per_s", "explained_images_per_s", "head_only_speedup", "head_only_speedup_median_pair",
-                "decode_ms_per_token_step",
-                "cached_forward_ms", "generate_2_steps_cfg_images_per_s", "generate_2_steps_no_cfg_images_per_s"):
+    for key in ("head_only_images_per_s", "explained_images_per_s", "head_only_speedup",
+                "head_only_speedup_median_pair", "decode_ms_per_token_step", "cached_forward_ms",
+                "generate_2_steps_cfg_images_per_s", "generate_2_steps_no_cfg_images_per_s"):
         assert with_recipe[key] > 0 and key in printed, key
     assert with_recipe["explanation_tokens_per_image"] <= 3

@@ -250,8 +250,8 @@ def test_divergence_stops_the_run_without_export(tmp_path, driver, demo, guard, 
 
 def test_a_loss_spike_stops_the_run_or_skips_one_step_with_on_spike_skip(tmp_path, driver, demo):
     """Step 4's loss is 1000x too large (a batch the model gets badly wrong). With ``guard.on_spike=stop`` (the
-    library default) the run stops before that update; with ``skip`` (the demo recipe's) exactly that step is skipped (parameters and optimizer state as after step
-    3) and the run finishes and exports."""
+    library default) the run stops before that update; with ``skip`` (the demo recipe's) exactly that step is
+    skipped (parameters and optimizer state as after step 3) and the run finishes and exports."""
     common = ["total_steps=6", "checkpoint.keep_last_k=6", "guard.loss_spike_warmup=2"]
     stopped = train(driver, tmp_path / "stop", demo, [*common, "checkpoint.interval=100", "guard.on_spike=stop"],
                     fault="spike_loss:4",

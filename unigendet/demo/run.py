@@ -7,8 +7,8 @@
 1. Co-evolution rounds (``rounds``): round 1 is GDUF from scratch, then DIGA against the frozen stage-1 detector;
    each later round continues GDUF from the previous generator with that generator's own images added as fakes,
    then DIGA against the new detector. Per round: the detector on the four held-out sets (unseen crops, unseen
-   photographs, unseen generator instances, unseen imaging domains) and on the newest generator's images; the generator's caption
-   consistency and distance to held-out reals.
+   photographs, unseen generator instances, unseen imaging domains) and on the newest generator's images; the
+   generator's caption consistency and distance to held-out reals.
 2. DIGA evidence (round 1): the stage-1, flow-matching-only control and DIGA generators draw the same prompts with
    the same seeds; the frozen stage-1 detector's p(fake), caption consistency and the distances, with paired
    differences and standard errors. Whatever the figures, they are printed as measured.

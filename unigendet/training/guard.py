@@ -92,8 +92,8 @@ class DivergenceGuard:
         median = statistics.median(self.recent)
         if not (median > 0 and loss > factor * median):
             return False
-        reason = f"loss {loss:.4g} is {loss / median:.3g}x the median {median:.4g} of the last {len(self.recent)} " \
-                 "applied steps"
+        reason = (f"loss {loss:.4g} is {loss / median:.3g}x the median {median:.4g} of the last "
+                  f"{len(self.recent)} applied steps")
         if self.cfg.on_spike == "stop":
             raise TrainingDivergedError(step, reason, f"guard.loss_spike_factor={factor:g}")
         self._spike_reason = reason
