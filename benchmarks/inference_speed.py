@@ -6,9 +6,9 @@ text-to-image sampling at 30 and 50 steps with and without classifier-free guida
     python benchmarks/inference_speed.py --model-dir runs/demo/gduf/final --device cuda --dtype bf16
 
 Every figure is the best of ``--repeats`` timed runs after one warm-up run; head-only and explained detection run
-in alternation, and the median and range of their per-pair ratio are printed beside the ratio of the bests. With random weights the end-of-answer
-token is rare, so explanations run to ``--tokens``; the generated-token count is printed and used for the
-per-token figures. ``decode ms/token/row`` is (explanation time - head-only time) / generated tokens per image,
+in alternation, and the median and range of their per-pair ratio are printed beside the ratio of the bests. With
+random weights the end-of-answer token is rare, so explanations run to ``--tokens``; the generated-token count is
+printed and used for the per-token figures. ``decode ms/token/row`` is (explanation time - head-only time) / generated tokens per image,
 to compare with ``cached forward ms``: one forward of a batch of one-token queries over the image contexts' KV
 cache, the work each decoding step does.
 
@@ -70,12 +70,18 @@ def best_seconds(fn, device: torch.device, repeats: int):
     result = fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        seconds, result = timed(fn, device)
+        times.append(seconds)
     return min(times), result
+
+
+def timed(fn, device: torch.device):
+    """(wall seconds of one call of ``fn``, its result), the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
 
 
 def interleaved(head_only, explained, device: torch.device, repeats: int):
@@ -86,14 +92,9 @@ def interleaved(head_only, explained, device: torch.device, repeats: int):
     result = explained()
     heads, explains = [], []
     for _ in range(repeats):
-        for fn, times in ((head_only, heads), (explained, explains)):
-            _sync(device)
-            start = time.perf_counter()
-            out = fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-            if fn is explained:
-                result = out
+        heads.append(timed(head_only, device)[0])
+        seconds, result = timed(explained, device)
+        explains.append(seconds)
     return min(heads), min(explains), [e / h for h, e in zip(heads, explains)], result
 
 

@@ -56,16 +56,18 @@ def test_on_spike_skip_skips_the_step_and_repeated_spikes_still_stop(caplog):
         assert not guard.check_spike(step, loss)
         guard.record(step, loss, applied=True, grad_norm=1.0)
     with caplog.at_level("WARNING", logger="unigendet.training.guard"):
-        assert guard.check_spike(3, 50.0)
-        guard.record(3, 50.0, applied=False, grad_norm=1.0)
+        reason = guard.check_spike(3, 50.0)
+        assert reason
+        guard.record(3, 50.0, applied=False, grad_norm=1.0, spike=reason)
     assert "step 3 skipped (loss 50 is 50x the median 1 of the last 2 applied steps); 1 in a row" in caplog.text
     assert guard.state_dict()["recent_losses"] == [1.0, 1.0]  # the spike does not move the median
     assert not guard.check_spike(4, 2.0)
     guard.record(4, 2.0, applied=True, grad_norm=1.0)
     assert guard.counters() == {"skipped_steps": 1, "consecutive_skips": 0}
     for step in (5, 6):
-        assert guard.check_spike(step, 1e3)
-        guard.record(step, 1e3, applied=False, grad_norm=1.0)
+        reason = guard.check_spike(step, 1e3)
+        assert reason
+        guard.record(step, 1e3, applied=False, grad_norm=1.0, spike=reason)
     with pytest.raises(TrainingDivergedError, match=r"step 6: 2 optimizer steps in a row were skipped"):
         guard.stop_if_stuck(6, 1e3, 1.0)
     caplog.clear()

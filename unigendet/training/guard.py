@@ -81,27 +81,27 @@ class DivergenceGuard:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.recent: deque[float] = deque(maxlen=cfg.loss_spike_window)
-        self._spike_reason: str | None = None  # why check_spike asked to skip the step being counted
 
-    def check_spike(self, step: int, loss: float) -> bool:
+    def check_spike(self, step: int, loss: float) -> str | None:
         """Before step ``step``'s update: is its (finite) loss far above the recent median? With ``on_spike: stop``
-        that raises ``TrainingDivergedError``; with ``skip`` it returns True and the caller skips the step."""
+        that raises ``TrainingDivergedError``; with ``skip`` it returns the reason, the caller skips the step and
+        passes the reason to :meth:`record`. None: no spike."""
         factor = self.cfg.loss_spike_factor
         if not factor or not math.isfinite(loss) or len(self.recent) < self.cfg.loss_spike_warmup:
-            return False
+            return None
         median = statistics.median(self.recent)
         if not (median > 0 and loss > factor * median):
-            return False
+            return None
         reason = (f"loss {loss:.4g} is {loss / median:.3g}x the median {median:.4g} of the last "
                   f"{len(self.recent)} applied steps")
         if self.cfg.on_spike == "stop":
             raise TrainingDivergedError(step, reason, f"guard.loss_spike_factor={factor:g}")
-        self._spike_reason = reason
-        return True
+        return reason
 
-    def record(self, step: int, loss: float, applied: bool, grad_norm: float | None) -> None:
-        """Count step ``step``: an applied step resets the run of skips, a skipped one extends it."""
-        reason, self._spike_reason = self._spike_reason, None
+    def record(self, step: int, loss: float, applied: bool, grad_norm: float | None,
+               spike: str | None = None) -> None:
+        """Count step ``step``: an applied step resets the run of skips, a skipped one extends it. ``spike``: the
+        reason :meth:`check_spike` gave for skipping it (otherwise the skip was for a non-finite value)."""
         if applied:
             self.consecutive_skips = 0
             if math.isfinite(loss):
@@ -109,8 +109,7 @@ class DivergenceGuard:
             return
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        if reason is None:
-            reason = f"non-finite loss or gradient norm: loss {_fmt(loss)}, gradient norm {_fmt(grad_norm)}"
+        reason = spike or f"non-finite loss or gradient norm: loss {_fmt(loss)}, gradient norm {_fmt(grad_norm)}"
         if is_main_process():
             logger.warning("step %d skipped (%s); %d in a row, %d in all", step, reason, self.consecutive_skips,
                            self.skipped_steps)

@@ -238,10 +238,10 @@ class Trainer:
         step = self.state.step + 1
         agreed = self._agree(loss_sum / gas, nonfinite + self.gate.local_nonfinite_gradients())
         spike = self.guard.check_spike(step, agreed.loss)
-        applied = self.gate.step(skip=agreed.nonfinite or spike)
+        applied = self.gate.step(skip=agreed.nonfinite or spike is not None)
         self.state.step = step
         grad_norm = self.engine.get_global_grad_norm()
-        self.guard.record(step, agreed.loss, applied, grad_norm)
+        self.guard.record(step, agreed.loss, applied, grad_norm, spike)
         if self.ema is not None and applied:
             self.ema.update()
         self.data.check_quality()
