@@ -8,9 +8,9 @@ text-to-image sampling at 30 and 50 steps with and without classifier-free guida
 Every figure is the best of ``--repeats`` timed runs after one warm-up run; head-only and explained detection run
 in alternation, and the median and range of their per-pair ratio are printed beside the ratio of the bests. With
 random weights the end-of-answer token is rare, so explanations run to ``--tokens``; the generated-token count is
-printed and used for the per-token figures. ``decode ms/token/row`` is (explanation time - head-only time) / generated tokens per image,
-to compare with ``cached forward ms``: one forward of a batch of one-token queries over the image contexts' KV
-cache, the work each decoding step does.
+printed and used for the per-token figures. ``decode ms/token/row`` is (explanation time - head-only time) /
+generated tokens per image, to compare with ``cached forward ms``: one forward of a batch of one-token queries over
+the image contexts' KV cache, the work each decoding step does.
 
 The detector lays out its context as the training run did: ``--model-dir`` reads the exported run's transforms,
 ``--recipe`` takes them from a training recipe (a random-weight model then sees what a model trained with that recipe
