@@ -175,6 +175,48 @@ def test_encode_list_matches_single_encodes(bfl_file):
     assert not torch.allclose(z_pad, listed[0], atol=1e-4)
 
 
+def test_kept_posteriors_encode_each_image_once(bfl_file, monkeypatch):
+    path, source = bfl_file
+    vae = FluxVAE.from_bfl_file(path, CFG)
+    a, b, c = images(1, 32, 24, 4)[0], images(1, 16, 40, 5)[0], images(1, 32, 24, 6)[0]
+    expected = source.encode_list([a, b, c, a], generator=torch.Generator().manual_seed(3))
+    encoded = []
+    real_posterior = vae._posterior
+    monkeypatch.setattr(vae, "_posterior", lambda x: encoded.append(x.shape[0]) or real_posterior(x))
+    vae.keep_posteriors(8)
+    first = vae.encode_list([a, b, c, a], generator=torch.Generator().manual_seed(3))
+    assert sum(encoded) == 4  # the repeated image is encoded twice on its first call (both in one group)
+    again = vae.encode_list([a, b, c, a], generator=torch.Generator().manual_seed(3))
+    assert sum(encoded) == 4  # nothing encoded: every posterior was kept
+    for got in (first, again):
+        for z, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(z, e, rtol=1e-5, atol=1e-5)
+    # Fresh noise from the caller's generator, not a kept sample.
+    assert not torch.allclose(vae.encode_list([a], generator=torch.Generator().manual_seed(4))[0], expected[0])
+    # Least recently used first out: with room for two, ``a`` (just used) and ``c`` stay, ``b`` goes.
+    vae.keep_posteriors(2)
+    vae.encode_list([b, c, a], sample=False)
+    encoded.clear()
+    vae.encode_list([a, c], sample=False)
+    assert encoded == []
+    vae.encode_list([b], sample=False)
+    assert encoded == [1]
+    # Loading weights, directly or through a parent module, empties the cache.
+    vae.load_state_dict(vae.state_dict())
+    encoded.clear()
+    vae.encode_list([a], sample=False)
+    assert encoded == [1]
+    torch.nn.Sequential(vae).load_state_dict(torch.nn.Sequential(vae).state_dict())
+    encoded.clear()
+    vae.encode_list([a], sample=False)
+    assert encoded == [1]
+    vae.keep_posteriors(0)
+    vae.encode_list([a], sample=False)
+    assert encoded == [1, 1]
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        vae.keep_posteriors(-1)
+
+
 def test_posterior_sampling_seeded(bfl_file):
     _, vae = bfl_file
     x = images(1, 16, 16, 8)

@@ -184,3 +184,13 @@ def test_checkpoint_granularity_needs_checkpointing_and_a_packed_stage():
         load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), ["checkpoint_granularity=sublayer"])
     with pytest.raises(ConfigError, match="checkpoint_granularity"):
         load_train_config(str(REPO / "configs/train/ltd_tiny.yaml"), ["checkpoint_granularity=sublayer"])
+
+
+def test_vae_posterior_cache_is_validated_and_read_by_packed_stages_only():
+    assert load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), []).vae_posterior_cache == 4096
+    assert load_train_config(str(REPO / "configs/train/diga_demo.yaml"),
+                             ["vae_posterior_cache=0"]).vae_posterior_cache == 0
+    with pytest.raises(ConfigError, match="vae_posterior_cache"):
+        load_train_config(str(REPO / "configs/train/gduf_demo.yaml"), ["vae_posterior_cache=-1"])
+    with pytest.raises(ConfigError, match="vae_posterior_cache"):
+        load_train_config(str(REPO / "configs/train/ltd_tiny.yaml"), ["vae_posterior_cache=8"])

@@ -92,6 +92,18 @@ def test_resume_continues_exactly(tmp_path, demo):
 
 
 @pytest.mark.slow
+def test_kept_vae_posteriors_leave_the_losses_unchanged(tmp_path, demo):
+    # One batch over and over: from the second step on, every image's posterior comes from the cache.
+    common = ["data.overfit_batches=1", "total_steps=4", "checkpoint.interval=10", "checkpoint.export_final=false"]
+    kept = run_training(tmp_path / "kept", demo, nproc=1, overrides=[*common, "vae_posterior_cache=64"])
+    encoded = run_training(tmp_path / "encoded", demo, nproc=1, overrides=[*common, "vae_posterior_cache=0"])
+    assert [h["step"] for h in kept] == [1, 2, 3, 4]
+    for a, b in zip(kept, encoded, strict=True):
+        for key in ("loss", "ce", "mse", "det"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.slow
 def test_export_loads_without_training_code_and_matches_checkpoint(tmp_path, demo):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

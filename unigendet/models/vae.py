@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -118,6 +119,10 @@ def _strip_bfl_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return dict(state_dict)
 
 
+def _forget_posteriors_on_load(module: "FluxVAE", *args, **kwargs) -> None:
+    module._forget_posteriors()
+
+
 class FluxVAE(nn.Module):
     """Frozen FLUX autoencoder with BAGEL's latent scaling. Always in eval mode, never trainable.
 
@@ -138,6 +143,53 @@ class FluxVAE(nn.Module):
         self.autoencoder = build_autoencoder(cfg)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
+        self._posteriors: OrderedDict[tuple, Tensor] | None = None
+        self._posterior_capacity = 0
+        # New weights make every kept posterior stale; the hook also runs when a parent module loads its state
+        # (and receives the module, so that a deep copy clears its own cache).
+        self.register_load_state_dict_pre_hook(_forget_posteriors_on_load)
+
+    def keep_posteriors(self, capacity: int) -> None:
+        """Keep the posterior (mean and log-variance) of up to ``capacity`` images between calls to
+        :meth:`encode_list`, keyed by their shape and pixel values; ``0`` turns it off.
+
+        The autoencoder is frozen, so an image's posterior never changes: a run that sees the same images many
+        times (a small dataset over many epochs) encodes each of them once. Posterior samples still draw fresh noise
+        from the caller's generator in the same order, so the latents equal the uncached ones up to float rounding
+        (the batch an image was first encoded in may differ). The least recently used posterior is dropped when
+        the cache is full; loading weights empties it.
+        """
+        if capacity < 0:
+            raise ValueError(f"posterior cache capacity must be >= 0, got {capacity}")
+        self._posterior_capacity = capacity
+        self._posteriors = OrderedDict() if capacity else None
+
+    def _forget_posteriors(self) -> None:
+        if self._posteriors is not None:
+            self._posteriors.clear()
+
+    @staticmethod
+    def _posterior_key(image: Tensor) -> tuple:
+        pixels = image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return tuple(image.shape), hashlib.blake2b(pixels, digest_size=16).digest()
+
+    def _cached_posteriors(self, items: list[Tensor]) -> tuple[list[Tensor | None], list[tuple] | None]:
+        """Kept posterior parameters per image (None where missing) and the images' cache keys (None when off)."""
+        if self._posteriors is None:
+            return [None] * len(items), None
+        keys = [self._posterior_key(img) for img in items]
+        params = []
+        for key in keys:
+            found = self._posteriors.get(key)
+            if found is not None:
+                self._posteriors.move_to_end(key)
+            params.append(found)
+        return params, keys
+
+    def _remember_posterior(self, key: tuple, parameters: Tensor) -> None:
+        self._posteriors[key] = parameters
+        while len(self._posteriors) > self._posterior_capacity:
+            self._posteriors.popitem(last=False)
 
     def train(self, mode: bool = True) -> "FluxVAE":
         # The VAE is a fixed feature extractor: a parent's .train() must not flip it (no dropout/BN today,
@@ -204,11 +256,12 @@ class FluxVAE(nn.Module):
             if img.ndim != 3:
                 raise ValueError(f"images[{i}] must be [3, H, W], got {tuple(img.shape)}")
             items.append(img)
+        params, keys = self._cached_posteriors(items)
         groups: "OrderedDict[tuple[int, int], list[int]]" = OrderedDict()
         for i, img in enumerate(items):
-            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+            if params[i] is None:
+                groups.setdefault(tuple(img.shape[-2:]), []).append(i)
 
-        params: list[Tensor | None] = [None] * len(items)
         for idx in groups.values():
             step = max_batch or len(idx)
             for s in range(0, len(idx), step):
@@ -216,6 +269,9 @@ class FluxVAE(nn.Module):
                 posterior = self._posterior(torch.stack([items[i] for i in chunk]))
                 for row, i in enumerate(chunk):
                     params[i] = posterior.parameters[row : row + 1]
+                    if keys is not None:
+                        # A copy, so that a kept row does not hold its whole batch's tensor alive.
+                        self._remember_posterior(keys[i], params[i].clone())
 
         if isinstance(generator, Sequence):
             if len(generator) != len(items):

@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 STAGES = ("gduf", "diga")
 # The sections only some stages read; a stage that does not read one refuses a setting in it.
 STAGE_SECTIONS = {
-    "gduf": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "checkpoint_granularity", "gduf"),
-    "diga": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "checkpoint_granularity", "diga"),
+    "gduf": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "checkpoint_granularity",
+             "vae_posterior_cache", "gduf"),
+    "diga": ("model", "init", "data", "freeze", "lora", "activation_checkpointing", "checkpoint_granularity",
+             "vae_posterior_cache", "diga"),
     "detector": ("detector", "images"),
 }
 
@@ -83,6 +85,10 @@ class TrainConfig:
     # checkpoints its halves, the MLP in token chunks ("nested": the inputs "layer" keeps, the lowest peak, one
     # more forward of each attention half; the longest packs fit).
     checkpoint_granularity: Literal["layer", "sublayer", "nested"] = "layer"
+    # Images whose autoencoder posterior is kept between steps (0 = encode every image at every step). The
+    # autoencoder is frozen, so a run that sees the same images many times encodes each once; each entry holds
+    # 2 x latent channels x (side / 8)^2 floats for FLUX (64 KiB at 256 px in fp32).
+    vae_posterior_cache: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
     @property
@@ -96,6 +102,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         require_range("total_steps", self.total_steps, 1)
+        require_range("vae_posterior_cache", self.vae_posterior_cache, 0)
         # Per-rank streams are seeded with seed * 1000 + rank; numpy takes 32-bit seeds.
         require_range("seed", self.seed, 0, 2**32 - 1)
         if self.optim.warmup_steps >= self.total_steps:

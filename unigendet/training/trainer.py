@@ -147,6 +147,7 @@ class Trainer:
         self.model.set_activation_checkpointing(cfg.activation_checkpointing, cfg.checkpoint_granularity)
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.vae.to(self.device, dtype=dtype)
+        self.vae.keep_posteriors(cfg.vae_posterior_cache)
         self.objective.to(self.device, dtype)
 
     def _build_detector(self) -> None:
