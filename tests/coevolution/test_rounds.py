@@ -98,7 +98,7 @@ def _cfg(tmp_path, **kw):
 def test_later_rounds_continue_from_the_previous_generator_with_every_earlier_rounds_fakes(tmp_path):
     from unigendet.training.config import load_train_config
 
-    cfg = _cfg(tmp_path, fake_weight=0.5)
+    cfg = _cfg(tmp_path, fake_weight=0.5, later_gduf_overrides=["optim.warmup_steps=5"])
     assert gduf_overrides(cfg, 1) == ["seed=3"]
     third = gduf_overrides(cfg, 3)
     assert f"init.path={RoundPaths.of(cfg.out_dir, 2).generator}" in third and "total_steps=7" in third
@@ -111,6 +111,7 @@ def test_later_rounds_continue_from_the_previous_generator_with_every_earlier_ro
         assert source.json_path == str(RoundPaths.of(cfg.out_dir, r).detection_json)
         assert source.image_root == str(RoundPaths.of(cfg.out_dir, r).root)
     assert train.init.kind == "unigendet" and train.total_steps == 7 and train.seed == 3
+    assert train.optim.warmup_steps == 5
 
 
 def test_config_is_validated(tmp_path):

@@ -73,6 +73,9 @@ class CoevolutionConfig:
     gduf_overrides: list[str] = field(default_factory=list)
     diga_overrides: list[str] = field(default_factory=list)
     later_gduf_steps: int | None = None  # None: the gduf recipe's total_steps
+    # Overrides of every later round's GDUF only, after ``gduf_overrides`` (e.g. a longer warm-up: a later round
+    # restarts the learning-rate schedule on a model whose generation expert DIGA has just moved).
+    later_gduf_overrides: list[str] = field(default_factory=list)
     fake_weight: float = 1.0  # sampling weight of each round's added detection data (a FakeClue source)
     fake_answers: list[str] = field(default_factory=lambda: list(DEFAULT_FAKE_ANSWERS))
     # Real images added with each round's fakes, one per fake, so the added data stay balanced and the detector

@@ -201,6 +201,7 @@ def gduf_overrides(cfg: CoevolutionConfig, index: int) -> list[str]:
     overrides += ["init.kind=unigendet", f"init.path={previous.generator}", "init.tokenizer=null"]
     if cfg.later_gduf_steps is not None:
         overrides.append(f"total_steps={cfg.later_gduf_steps}")
+    overrides += cfg.later_gduf_overrides
     for earlier in range(1, index):
         overrides += _fake_source_overrides(RoundPaths.of(cfg.out_dir, earlier), cfg.fake_weight)
     return overrides

@@ -53,11 +53,19 @@ class DemoSettings:
     # Measured with the 4x autoencoder (seed 0): 600/100/150 steps gave round-1 balanced accuracy 76.6% / 57.0% /
     # 68.0% on the three held-out sets of the time (unseen crops, the photographs now called imaging domains, generator
     # instances) and a round-2 detector at 61.7% / 57.0% / 57.8%; with 300 DIGA steps the
-    # round-2 detector collapsed to p(fake) ~0.5 for every image; 900/200/300 kept both rounds' detectors working.
+    # round-2 detector collapsed to p(fake) ~0.5 for every image; 900/200/300 kept both rounds' detectors working
+    # (later rounds since: 450 steps, below).
     steps: int = 900  # round 1's GDUF steps
     diga_steps: int = 200  # DIGA steps per round, and flow-matching-only steps of the control
     rounds: int = 2  # co-evolution rounds (1 = GDUF -> DIGA once)
-    later_gduf_steps: int = 300  # GDUF steps of every later round (continuing from the previous generator)
+    # Every later round's GDUF (continuing from the previous generator): steps and learning-rate warm-up. DIGA has
+    # just moved the generation expert, through which the detection head sees the latent tokens, so a later round
+    # starts with its detection loss above ln 2 (0.90 in round 2). Measured from the same round 1 (seed 0): with 10
+    # warm-up steps (round 1's) the round-2 detector either recovered or stayed near chance depending on float
+    # rounding alone (1 vs 2 threads, 450 steps: 84% vs 12.5% of G2's images called fake; 300 steps: 19%);
+    # with 100 warm-up steps and 450 steps it recovered with both (84% and 81%).
+    later_gduf_steps: int = 450
+    later_warmup_steps: int = 100
     vae_steps: int = 600  # stage 0: autoencoder training steps (batch 8)
     # Stage 0: text-to-image pretraining steps before round 1 (0 = round 1's GDUF starts from random weights). Off by
     # default: measured, 1,000 pretraining steps raised the round-1 generator's caption consistency to 55.8% but
@@ -92,7 +100,7 @@ class DemoSettings:
                      "samples_per_caption", "explain_tokens", "baseline_steps", "generator_instances"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vae_steps", "pretrain_steps"):
+        for name in ("vae_steps", "pretrain_steps", "later_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo {name} must be >= 0, got {getattr(self, name)}")
         if self.sampling_steps < 2:
@@ -220,6 +228,7 @@ def coevolution_config(data, out: Path, s: DemoSettings, model_overrides: list[s
         gduf_overrides=[*demo_overrides(data, s.steps, s.seed), *init_overrides, *model_overrides, *overrides],
         diga_overrides=[*stage2_overrides(data, s.diga_steps, s.seed), *model_overrides, *diga_overrides],
         later_gduf_steps=s.later_gduf_steps,
+        later_gduf_overrides=[f"optim.warmup_steps={s.later_warmup_steps}"],
         real_table=str(data.t2i_parquet),  # each generated image is paired with a real view of the photographs
         prompts=PromptSetConfig(data_files=[str(_prompt_table(out, s))], group_column="photo",
                                 per_prompt=s.samples_per_caption),
