@@ -87,7 +87,7 @@ class TrainConfig:
     checkpoint_granularity: Literal["layer", "sublayer", "nested"] = "layer"
     # Images whose autoencoder posterior is kept between steps (0 = encode every image at every step). The
     # autoencoder is frozen, so a run that sees the same images many times encodes each once; each entry holds
-    # 2 x latent channels x (side / 8)^2 floats for FLUX (64 KiB at 256 px in fp32).
+    # 2 x latent channels x (side / 8)^2 floats for FLUX (128 KiB at 256 px in fp32).
     vae_posterior_cache: int = 0
     device: Literal["auto", "cuda", "cpu"] = "auto"
 
