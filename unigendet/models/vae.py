@@ -143,7 +143,7 @@ class FluxVAE(nn.Module):
         self.autoencoder = build_autoencoder(cfg)
         self.autoencoder.requires_grad_(False)
         self.autoencoder.eval()
-        self._posteriors: OrderedDict[tuple, Tensor] | None = None
+        self._posteriors: OrderedDict[tuple, Tensor] = OrderedDict()
         self._posterior_capacity = 0
         # New weights make every kept posterior stale; the hook also runs when a parent module loads its state
         # (and receives the module, so that a deep copy clears its own cache).
@@ -162,11 +162,10 @@ class FluxVAE(nn.Module):
         if capacity < 0:
             raise ValueError(f"posterior cache capacity must be >= 0, got {capacity}")
         self._posterior_capacity = capacity
-        self._posteriors = OrderedDict() if capacity else None
+        self._posteriors.clear()
 
     def _forget_posteriors(self) -> None:
-        if self._posteriors is not None:
-            self._posteriors.clear()
+        self._posteriors.clear()
 
     @staticmethod
     def _posterior_key(image: Tensor) -> tuple:
@@ -175,7 +174,7 @@ class FluxVAE(nn.Module):
 
     def _cached_posteriors(self, items: list[Tensor]) -> tuple[list[Tensor | None], list[tuple] | None]:
         """Kept posterior parameters per image (None where missing) and the images' cache keys (None when off)."""
-        if self._posteriors is None:
+        if not self._posterior_capacity:
             return [None] * len(items), None
         keys = [self._posterior_key(img) for img in items]
         params = []
