@@ -193,7 +193,8 @@ def test_kept_posteriors_encode_each_image_once(bfl_file, monkeypatch):
             torch.testing.assert_close(z, e, rtol=1e-5, atol=1e-5)
     # Fresh noise from the caller's generator, not a kept sample.
     assert not torch.allclose(vae.encode_list([a], generator=torch.Generator().manual_seed(4))[0], expected[0])
-    # Least recently used first out: with room for two, ``a`` (just used) and ``c`` stay, ``b`` goes.
+    # Least recently used first out: with room for two, ``b`` (stored first) goes when ``a`` arrives; ``c`` and
+    # ``a`` stay, and after they are used again, ``b`` coming back pushes out ``a``, the older of the two.
     vae.keep_posteriors(2)
     vae.encode_list([b, c, a], sample=False)
     encoded.clear()
