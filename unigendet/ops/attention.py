@@ -125,9 +125,12 @@ class SDPAAttention:
         return out
 
     def __call__(self, q, k, v, prepared, scale: float | None = None) -> torch.Tensor:
+        # ``split`` rather than one slice per sample: the backward of a slice zero-fills a gradient the size of the
+        # whole pack for every sample and sums them, the backward of a split concatenates once.
+        sizes = [end - start for start, end, _ in prepared]
         outs = []
-        for start, end, mask in prepared:
-            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        for qs, ks, vs, (_, _, mask) in zip(q.split(sizes), k.split(sizes), v.split(sizes), prepared):
+            qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (qs, ks, vs))
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
             )
