@@ -104,6 +104,28 @@ def test_kept_vae_posteriors_leave_the_losses_unchanged(tmp_path, demo):
 
 
 @pytest.mark.slow
+def test_lr_scale_reaches_the_engine_optimizer(tmp_path, demo):
+    """One optimizer step from the same initial weights with and without ``optim.lr_scale`` on the detection head:
+    every other weight ends equal, the head's weights differ by about the learning rate (the first Adam step moves
+    a weight by about its learning rate, here lr against 1e-6 x lr)."""
+    from unigendet.checkpoint.export import load_model_directory
+
+    common = ["total_steps=1", "optim.warmup_steps=0", "optim.decay=constant", "optim.lr=1e-3",
+              "checkpoint.interval=10", "deepspeed.zero_stage=2"]
+    run_training(tmp_path / "plain", demo, nproc=1, overrides=common)
+    run_training(tmp_path / "scaled", demo, nproc=1, overrides=[*common, "optim.lr_scale.detection_head=1e-6"])
+    plain = load_model_directory(tmp_path / "plain" / "final")[0].state_dict()
+    scaled = load_model_directory(tmp_path / "scaled" / "final")[0].state_dict()
+    head = [k for k in plain if k.startswith("detection_head.")]
+    assert head and len(head) < len(plain)
+    for key in plain:
+        if key not in head:
+            torch.testing.assert_close(scaled[key], plain[key], rtol=0, atol=0, msg=key)
+    moved = max((plain[k] - scaled[k]).abs().max().item() for k in head)
+    assert 0.5e-3 < moved < 1.5e-3
+
+
+@pytest.mark.slow
 def test_export_loads_without_training_code_and_matches_checkpoint(tmp_path, demo):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -9,7 +9,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -56,9 +56,17 @@ class OptimConfig:
     decay: Literal["constant", "cosine", "linear"] = "constant"
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    # Learning-rate multipliers by module: {"detection_head": 0.1} trains every parameter under a module named
+    # ``detection_head`` (at any depth, so also inside a LoRA wrapper) at 0.1 x ``lr``, on the same schedule.
+    # The longest matching module path wins; the rest train at ``lr``.
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         require_positive("lr", self.lr)
+        for module, scale in self.lr_scale.items():
+            if not module or module.startswith(".") or module.endswith("."):
+                raise ConfigError(f"optim.lr_scale: {module!r} is not a module path (e.g. 'detection_head')")
+            require_positive(f"lr_scale.{module}", scale)
         for i, beta in enumerate(self.betas):
             require_probability(f"betas[{i}]", beta, one_allowed=False)
         require_positive("eps", self.eps)
@@ -273,22 +281,59 @@ def _keep_overflow_checks(resolved: dict[str, Any]) -> None:
                           "non-finite gradient guard needs the gradient norm (remove the setting)")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; norms, biases and embeddings-as-tables are not decayed. A model with an
-    ``optimizer_param_groups(weight_decay)`` method that returns groups (each with its own ``lr``) uses those."""
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_scale: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Decay matrices only; norms, biases and embeddings-as-tables are not decayed. ``lr_scale`` (module path ->
+    multiplier, see ``OptimConfig.lr_scale``) puts the matching parameters in groups of their own at ``scale * lr``;
+    a module path the model does not have is an error, one whose parameters are all frozen is skipped. A model with
+    an ``optimizer_param_groups(weight_decay)`` method that returns groups (each with its own ``lr``) uses those."""
     custom = getattr(model, "optimizer_param_groups", None)
     groups = custom(weight_decay) if callable(custom) else None
     if groups is not None:
+        if lr_scale:
+            raise ConfigError(f"optim.lr_scale {sorted(lr_scale)}: this model sets its own per-module learning rates "
+                              "(its config's lr fields); remove optim.lr_scale")
         return groups
-    decay, no_decay = [], []
+    lr_scale = lr_scale or {}
+    if lr_scale and lr is None:
+        raise ValueError("param_groups: lr_scale needs the base lr")
+    by_key: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    present: set[str] = set()
+    trained: set[str] = set()
     for name, p in model.named_parameters():
+        module = _scaled_module(name, lr_scale)
+        if module is not None:
+            present.add(module)
         if not p.requires_grad:
             continue
+        if module is not None:
+            trained.add(module)
         # A parameter built under deepspeed.zero.Init holds an empty placeholder; ds_shape is its real shape.
         ndim = len(getattr(p, "ds_shape", p.shape))
-        (decay if ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        scale = lr_scale[module] if module is not None else 1.0
+        by_key.setdefault((ndim >= 2 and "embed_tokens" not in name, scale), []).append(p)
+    missing = sorted(set(lr_scale) - present)
+    if missing:
+        raise ConfigError(f"optim.lr_scale: this model has no module {missing} (misspelt, or not part of this model)")
+    if present - trained:
+        # A recipe that freezes a module (DIGA freezes the detection head) may inherit its base recipe's scales.
+        logger.info("optim.lr_scale: %s frozen in this run; their scale does not apply", sorted(present - trained))
+    # Decayed groups first, each kind's unscaled group before its scaled ones: without scales, the order (and so a
+    # checkpoint's optimizer state) is the same as before scales existed.
+    groups = []
+    for (decayed, scale), params in sorted(by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1] != 1.0, kv[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if lr_scale:
+            group["lr"] = lr * scale
+        groups.append(group)
+    return groups
+
+
+def _scaled_module(name: str, lr_scale: dict[str, float]) -> str | None:
+    """The longest module path of ``lr_scale`` that parameter ``name`` lies under (at any depth), or None."""
+    dotted = "." + name
+    hits = [m for m in lr_scale if ("." + m + ".") in dotted]
+    return max(hits, key=len) if hits else None
 
 
 def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig, total_steps: int, bf16: bool):
@@ -304,7 +349,7 @@ def build_engine(model: torch.nn.Module, ds: DeepSpeedConfig, optim: OptimConfig
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, optim.weight_decay),
+        model_parameters=param_groups(model, optim.weight_decay, optim.lr, optim.lr_scale),
         config=resolve_deepspeed_config(ds, optim, bf16, world_size=world_size),
         lr_scheduler=scheduler,
     )
