@@ -14,15 +14,15 @@ from unigendet.utils.images import image_grid  # noqa: E402
 
 @pytest.mark.slow
 def test_demo_chain_runs_every_stage_and_reports(tmp_path):
-    s = DemoSettings(steps=6, diga_steps=2, rounds=2, later_gduf_steps=2, later_warmup_steps=1, vae_steps=4,
+    s = DemoSettings(steps=6, diga_steps=2, rounds=2, later_gduf_steps=2, later_warmup_steps=1, later_lr=2e-4, vae_steps=4,
                      pretrain_steps=2, num_train=16, num_heldout=8, t2i_per_photo=1, samples_per_caption=1,
                      sampling_steps=3, explain_tokens=3, baseline_steps=2)
     report = run_demo(tmp_path, s, overrides=["logging.interval=1", "checkpoint.interval=100"],
                       diga_overrides=["logging.interval=1", "checkpoint.interval=100"])
     assert (tmp_path / "vae" / "ae.safetensors").is_file() and not report["vae"]["cached"]
     # Only the later round warms up over its own steps.
-    assert "optim.warmup_steps=1" in report["rounds"][1]["gduf"]["overrides"]
-    assert not any(o.startswith("optim.warmup_steps") for o in report["rounds"][0]["gduf"]["overrides"])
+    assert {"optim.warmup_steps=1", "optim.lr=0.0002"} <= set(report["rounds"][1]["gduf"]["overrides"])
+    assert not any(o.startswith(("optim.warmup_steps", "optim.lr")) for o in report["rounds"][0]["gduf"]["overrides"])
     assert (tmp_path / "base" / "final").is_dir() and report["generator"]["steps"] == 2  # round 1 starts from it
     for r in (1, 2):
         for run in ("gduf", "diga"):
