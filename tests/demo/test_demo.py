@@ -14,9 +14,9 @@ from unigendet.utils.images import image_grid  # noqa: E402
 
 @pytest.mark.slow
 def test_demo_chain_runs_every_stage_and_reports(tmp_path):
-    s = DemoSettings(steps=6, diga_steps=2, rounds=2, later_gduf_steps=2, later_warmup_steps=1, later_lr=2e-4, vae_steps=4,
-                     pretrain_steps=2, num_train=16, num_heldout=8, t2i_per_photo=1, samples_per_caption=1,
-                     sampling_steps=3, explain_tokens=3, baseline_steps=2)
+    s = DemoSettings(steps=6, diga_steps=2, rounds=2, later_gduf_steps=2, later_warmup_steps=1, later_lr=2e-4,
+                     vae_steps=4, pretrain_steps=2, num_train=16, num_heldout=8, t2i_per_photo=1,
+                     samples_per_caption=1, sampling_steps=3, explain_tokens=3, baseline_steps=2)
     report = run_demo(tmp_path, s, overrides=["logging.interval=1", "checkpoint.interval=100"],
                       diga_overrides=["logging.interval=1", "checkpoint.interval=100"])
     assert (tmp_path / "vae" / "ae.safetensors").is_file() and not report["vae"]["cached"]
@@ -71,6 +71,8 @@ def test_demo_settings_are_validated():
         DemoSettings(diga_steps=0)
     with pytest.raises(ValueError, match="sampling_steps"):
         DemoSettings(sampling_steps=1)
+    with pytest.raises(ValueError, match="later_lr"):
+        DemoSettings(later_lr=0.0)
     with pytest.raises(ValueError, match="dire"):
         DemoSettings(baselines=["ltd", "dire"])
     assert DemoSettings(baselines=["ltd", "craft"]).baselines == ["ltd", "craft"]  # CRAFT is opt-in

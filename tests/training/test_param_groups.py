@@ -58,7 +58,8 @@ def test_scaled_modules_get_their_own_learning_rate_and_keep_their_weight_decay(
     assert sum(len(g["params"]) for g in groups) == len(params)
     for p in toy.detection_head[0].parameters():
         assert lr[id(p)] == pytest.approx(1e-4) and decay[id(p)] == 0.0
-    assert lr[id(toy.detection_head[1].weight)] == pytest.approx(1e-4) and decay[id(toy.detection_head[1].weight)] == 0.1
+    head_weight = id(toy.detection_head[1].weight)
+    assert lr[head_weight] == pytest.approx(1e-4) and decay[head_weight] == 0.1
     # The longest matching module path wins.
     assert lr[id(toy.detection_head.inner.weight)] == pytest.approx(3e-3)
     for p in (*toy.trunk.parameters(), *toy.head.parameters(), toy.embed_tokens.weight):
@@ -76,6 +77,16 @@ def test_a_module_the_model_lacks_is_an_error_and_a_frozen_one_is_skipped():
     groups = param_groups(model, 0.0, lr=1e-3, lr_scale={"detection_head": 0.1})
     assert set(_lr_of(groups).values()) == {1e-3}
     assert not any(id(p) in _lr_of(groups) for p in model.detection_head.parameters())
+
+
+def test_scales_are_refused_for_a_model_with_its_own_groups():
+    class OwnGroups(Toy):
+        def optimizer_param_groups(self, weight_decay):
+            return [{"params": list(self.parameters()), "lr": 1e-4, "weight_decay": weight_decay}]
+
+    assert param_groups(OwnGroups(), 0.0, lr=1e-3)[0]["lr"] == 1e-4
+    with pytest.raises(ConfigError, match="its own per-module learning rates"):
+        param_groups(OwnGroups(), 0.0, lr=1e-3, lr_scale={"detection_head": 0.1})
 
 
 def test_scales_are_validated_in_the_config():

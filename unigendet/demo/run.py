@@ -66,10 +66,10 @@ class DemoSettings:
     # with 100 warm-up steps and 450 steps it recovered with both (84% and 81%).
     # Since round 1's detection head trains at a tenth of the rate (the GDUF recipe's ``optim.lr_scale``), round 1's
     # detector is stronger and round 1's peak learning rate (1e-3) undid it in round 2: the detection loss rose from
-    # 0.50 to 0.70 while the rate warmed up, and the round-2 detector called 97% of every set fake (1 thread, the same
-    # round 1). Later rounds' peak rate, measured from that round 1 (unseen crops / photographs / generator instances;
-    # G2's images called fake): 1e-4 76.6 / 85.9 / 75.8%, 42%; 3e-4 74.2 / 85.2 / 73.4%, 78%; 5e-4 75.8 / 79.7 /
-    # 70.3%, 86%; 1e-3 62.5 / 54.7 / 53.1%, 97%.
+    # 0.50 to 0.70 while the rate warmed up, and the round-2 detector ended at 52-63% on the held-out sets (1 thread,
+    # the same round 1). Later rounds' peak rate, measured from that round 1 (unseen crops / photographs / generator
+    # instances; G2's images called fake): 1e-4 76.6 / 85.9 / 75.8%, 42%; 3e-4 74.2 / 85.2 / 73.4%, 78%; 5e-4
+    # 75.8 / 79.7 / 70.3%, 86%; 1e-3 62.5 / 54.7 / 53.1%, 97%.
     later_gduf_steps: int = 450
     later_warmup_steps: int = 100
     later_lr: float = 3e-4
