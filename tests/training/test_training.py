@@ -112,7 +112,8 @@ def test_lr_scale_reaches_the_engine_optimizer(tmp_path, demo):
 
     common = ["total_steps=1", "optim.warmup_steps=0", "optim.decay=constant", "optim.lr=1e-3",
               "checkpoint.interval=10", "deepspeed.zero_stage=2"]
-    run_training(tmp_path / "plain", demo, nproc=1, overrides=common)
+    # The demo recipe scales the head itself: "plain" sets it back to 1.
+    run_training(tmp_path / "plain", demo, nproc=1, overrides=[*common, "optim.lr_scale.detection_head=1"])
     run_training(tmp_path / "scaled", demo, nproc=1, overrides=[*common, "optim.lr_scale.detection_head=1e-6"])
     plain = load_model_directory(tmp_path / "plain" / "final")[0].state_dict()
     scaled = load_model_directory(tmp_path / "scaled" / "final")[0].state_dict()
